@@ -1,0 +1,144 @@
+"""The ``morpheus`` command line. Each subcommand is a thin shell over a library function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _pairs(values: list[str] | None, flag: str) -> dict[str, Path]:
+    out = {}
+    for item in values or []:
+        if "=" not in item:
+            raise SystemExit(f"morpheus: error: {flag} expects MODALITY=PATH, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = Path(v)
+    return out
+
+
+def cmd_synth(args) -> int:
+    from morpheus_jax.data.synth import write_synthetic_cohort
+    info = write_synthetic_cohort(args.out_dir, n_patients=args.patients, seed=args.seed,
+                                  feature_dim=args.feature_dim, mean_patches_per_slide=args.patches_per_slide,
+                                  overwrite=args.overwrite)
+    print({k: v for k, v in info.items() if not isinstance(v, (dict, list)) or k == "counts"})
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from morpheus_jax.data.prepare import PrepareOptions, RawCohort, prepare, summary
+    if args.raw:
+        cohort = RawCohort.from_dir(args.raw)
+    else:
+        needed = {"--metadata": args.metadata, "--features-dir": args.features_dir, "--omics": args.omics,
+                  "--mapping": args.mapping}
+        missing = [k for k, v in needed.items() if not v]
+        if missing:
+            raise SystemExit(f"morpheus prepare: error: give --raw DIR or all of {', '.join(missing)}")
+        cohort = RawCohort(Path(args.metadata), Path(args.features_dir), _pairs(args.omics, "--omics"),
+                           _pairs(args.mapping, "--mapping"))
+    opts = PrepareOptions(records_per_shard=args.records_per_shard, patch_dtype=args.patch_dtype,
+                          chunk_rows=args.chunk_rows, wsi_dim=args.wsi_dim, seed=args.seed, strict=args.strict,
+                          allow_missing_modalities=args.allow_missing_modalities, overwrite=args.overwrite)
+    manifest = prepare(cohort, args.out, opts)
+    print(summary(manifest))
+    print(f"wrote {args.out} in {manifest['seconds']} s")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from morpheus_jax.data import records
+    from morpheus_jax.data.prepare import summary
+    manifest = records.load_manifest(args.dataset)
+    print(summary(manifest))
+    if not args.no_verify:
+        problems = records.verify_dataset(args.dataset, manifest)
+        if problems:
+            for p in problems:
+                print(f"morpheus inspect: {p}", file=sys.stderr)
+            return 1
+        print(f"checksums: {len(manifest['shards'])} shards verified")
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from morpheus_jax.config import load_config
+    from morpheus_jax.train.loop import pretrain
+    cfg = load_config(args.config, args.overrides)
+    report = pretrain(cfg, progress=not args.no_progress)
+    return 0 if report else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="morpheus",
+        description="MORPHEUS in JAX: masked omics modelling over H&E patch features, RNA, DNA methylation "
+                    "and copy number. Subcommands run the data flow: synth → prepare → pretrain.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("synth", help="write a synthetic cohort in the raw TCGA file layout",
+                       description="Write a synthetic cohort (metadata.csv, features/**.h5, omics/*.csv, "
+                                   "mappings/*.json) whose modalities share latent patient factors.")
+    s.add_argument("out_dir", help="output folder (must be empty or absent)")
+    s.add_argument("--patients", type=int, default=500, help="number of patients (default 500)")
+    s.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files (default 0)")
+    s.add_argument("--feature-dim", type=int, default=1536, help="patch feature dimension (default 1536, UNI2-h)")
+    s.add_argument("--patches-per-slide", type=int, default=300, help="mean patches per slide (default 300)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing non-empty out_dir")
+    s.set_defaults(fn=cmd_synth)
+
+    s = sub.add_parser("prepare", help="validate a raw cohort and write the sharded training records",
+                       description="Raw TCGA-layout files → a prepared dataset (ArrayRecord omics/metadata "
+                                   "shards, zarr3 patch arrays, manifest.json).")
+    s.add_argument("--raw", help="a raw cohort folder in the synth layout (replaces the four flags below)")
+    s.add_argument("--metadata", help="metadata CSV (submitter_id, project_id, split, WSI, task columns)")
+    s.add_argument("--features-dir", help="folder the WSI column's slide paths are relative to")
+    s.add_argument("--omics", nargs="+", metavar="M=CSV", help="omics CSVs, e.g. rna=rna.csv dnam=dnam.csv cnv=cnv.csv")
+    s.add_argument("--mapping", nargs="+", metavar="M=JSON", help="group mappings, e.g. rna=rna.json …")
+    s.add_argument("--out", required=True, help="output dataset folder")
+    s.add_argument("--records-per-shard", type=int, default=256, help="patients per shard (default 256)")
+    s.add_argument("--patch-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="stored patch dtype (default float16)")
+    s.add_argument("--chunk-rows", type=int, default=128, help="patch rows per zarr chunk (default 128)")
+    s.add_argument("--wsi-dim", type=int, default=1536, help="expected patch feature dimension (default 1536)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the stored per-patient patch shuffle (default 0)")
+    s.add_argument("--strict", action="store_true", help="a patient lacking a modality or a slide is an error")
+    s.add_argument("--allow-missing-modalities", action="store_true",
+                   help="keep patients with at least one omics modality (missing ones are always masked)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset at --out")
+    s.set_defaults(fn=cmd_prepare)
+
+    s = sub.add_parser("inspect", help="summarise a prepared dataset and verify its checksums",
+                       description="Print patients per split, modalities, groups and patches; verify every "
+                                   "shard's SHA-256 against the manifest (exit 1 on mismatch).")
+    s.add_argument("dataset", help="prepared dataset folder")
+    s.add_argument("--no-verify", action="store_true", help="skip checksum verification")
+    s.set_defaults(fn=cmd_inspect)
+
+    s = sub.add_parser("pretrain", help="pretrain MORPHEUS (no arguments: the demo)",
+                       description="Pretrain by masked omics modelling. With no arguments: configs/demo.yaml, "
+                                   "which synthesises and prepares a demo cohort if absent. Rerunning with the "
+                                   "same run_dir resumes from its latest checkpoint.")
+    s.add_argument("--config", help="YAML config file or a name in configs/ (default: demo)")
+    s.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted config overrides, e.g. train.steps=100 model.hidden_size=64")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(fn=cmd_pretrain)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from morpheus_jax.config import ConfigError
+    from morpheus_jax.data.prepare import PrepareError
+    from morpheus_jax.data.records import DatasetError
+    try:
+        return args.fn(args)
+    except (ConfigError, PrepareError, DatasetError, FileExistsError) as e:
+        print(f"morpheus {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""The prepared dataset format (schema version 1).
+
+A dataset is a folder::
+
+    manifest.json                          written last; its presence marks a complete dataset
+    records/<split>-<shard:05d>.array_record   one record per patient (ArrayRecord)
+    patches/<split>-<shard:05d>.zarr       patch features of that shard's patients, zarr3
+                                            array [rows, wsi_dim], chunks [chunk_rows, wsi_dim],
+                                            uncompressed ("bytes" codec)
+
+Each patient's patches are stored contiguously and pre-shuffled (all of their slides
+together), so a training sample reads one random window of ``num_patches`` rows (two when
+the window wraps around the end of the patient's rows): a constant, small number of chunk
+reads whatever the bag size.
+
+A record (msgpack map) holds::
+
+    submitter_id, project_id, split       str
+    index                                 int, position of the patient in its split
+    patch_shard, patch_offset, patch_count   int, where the patches live
+    slides                                list[str], the slide files the patches came from
+    omics                                 {modality: float32 [F_m]} canonical feature order,
+                                          transforms of §1 applied (absent modality: zeros)
+    available                             {modality: bool}
+    meta                                  {column: value} the other metadata columns
+
+The manifest holds the schema version, counts per split, for each modality its group
+names, group sizes, feature names (canonical order), fill value and transform, the patch
+dtype/dim/chunking, and each shard file with its byte size and SHA-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+SPLITS = ("pretrain", "val-pretrain", "fine-tune")
+
+
+class DatasetError(ValueError):
+    """A prepared dataset is missing, incomplete or corrupted."""
+
+
+# -- record codec -----------------------------------------------------------------------
+
+def _pack_default(obj):
+    if isinstance(obj, np.ndarray):
+        return {"__nd__": True, "dtype": obj.dtype.str, "shape": list(obj.shape), "data": obj.tobytes()}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"cannot serialise {type(obj).__name__}")
+
+
+def _unpack_hook(obj):
+    if obj.get("__nd__"):
+        return np.frombuffer(obj["data"], dtype=np.dtype(obj["dtype"])).reshape(obj["shape"])
+    return obj
+
+
+def encode_record(record: dict[str, Any]) -> bytes:
+    return msgpack.packb(record, default=_pack_default, use_bin_type=True)
+
+
+def decode_record(data: bytes) -> dict[str, Any]:
+    return msgpack.unpackb(data, object_hook=_unpack_hook, raw=False, strict_map_key=False)
+
+
+# -- files --------------------------------------------------------------------------------
+
+def record_path(root: Path, split: str, shard: int) -> Path:
+    return Path(root) / "records" / f"{split}-{shard:05d}.array_record"
+
+
+def patch_path(root: Path, split: str, shard: int) -> Path:
+    return Path(root) / "patches" / f"{split}-{shard:05d}.zarr"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_tree(path: Path) -> str:
+    """Checksum of a folder (a zarr array): relative names and contents, in sorted order."""
+    h = hashlib.sha256()
+    path = Path(path)
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def zarr_spec(path: Path, rows: int | None = None, dim: int | None = None, dtype: str | None = None,
+              chunk_rows: int | None = None) -> dict:
+    """TensorStore spec of a patch array; with shape arguments it creates the array."""
+    spec: dict[str, Any] = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
+    if rows is not None:
+        spec["metadata"] = {
+            "shape": [rows, dim],
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk_rows, dim]}},
+            "chunk_key_encoding": {"name": "default"},
+            "data_type": dtype,
+            "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+            "fill_value": 0,
+        }
+        spec["create"] = True
+        spec["delete_existing"] = True
+    return spec
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def load_manifest(root: str | os.PathLike) -> dict[str, Any]:
+    root = Path(root)
+    path = root / MANIFEST
+    if not root.exists():
+        raise DatasetError(f"{root}: dataset folder does not exist (run `morpheus prepare`)")
+    if not path.exists():
+        raise DatasetError(f"{path}: missing; {root} is not a complete prepared dataset "
+                           "(an interrupted `morpheus prepare` leaves no manifest)")
+    with open(path) as f:
+        manifest = json.load(f)
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise DatasetError(f"{path}: schema_version {version!r}, this version reads {SCHEMA_VERSION}")
+    return manifest
+
+
+def verify_dataset(root: str | os.PathLike, manifest: dict | None = None) -> list[str]:
+    """Problems found checking every shard against the manifest (empty list = valid)."""
+    root = Path(root)
+    manifest = manifest or load_manifest(root)
+    problems = []
+    for entry in manifest["shards"]:
+        for kind, checker in (("records", sha256_file), ("patches", sha256_tree)):
+            rel = entry[kind]["path"]
+            path = root / rel
+            if not path.exists():
+                problems.append(f"{path}: missing")
+                continue
+            if checker(path) != entry[kind]["sha256"]:
+                problems.append(f"{path}: checksum mismatch")
+    return problems
+
+
+def feature_names(manifest: dict, modality: str) -> list[str]:
+    return manifest["modalities"][modality]["features"]

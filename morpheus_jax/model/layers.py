@@ -1,0 +1,186 @@
+"""Transformer building blocks shared by the encoder and the omics decoders.
+
+Every parameter carries logical axis names (metadata ``axes``); `morpheus_jax.sharding`
+maps them to mesh axes. Initialisers follow PyTorch's defaults (``nn.Linear``:
+U(±1/sqrt(fan_in)) for weight and bias; ``nn.LayerNorm``: ones and zeros) so training
+dynamics match the authors' model.
+
+Dropout takes an explicit PRNG key; ``key=None`` means evaluation (no dropout).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Array = jax.Array
+
+
+def torch_linear_init(rng: np.random.Generator, shape, fan_in) -> jax.Array:
+    """U(±1/sqrt(fan_in)), drawn with NumPy (no per-shape XLA compile at init)."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return jnp.asarray(rng.uniform(-bound, bound, shape).astype(np.float32))
+
+
+def normal_init(rng: np.random.Generator, shape, std: float = 0.02) -> jax.Array:
+    return jnp.asarray((std * rng.standard_normal(shape)).astype(np.float32))
+
+
+def split_key(key, n: int):
+    """``n`` sub-keys, or ``n`` Nones when ``key`` is None (evaluation)."""
+    if key is None:
+        return [None] * n
+    return list(jax.random.split(key, n))
+
+
+def dropout(x: Array, rate: float, key) -> Array:
+    if key is None or rate <= 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))
+
+
+class Dense(nnx.Module):
+    """``y = x @ kernel + bias``; kernel ``[in, out]`` (the transpose of a torch weight)."""
+
+    def __init__(self, d_in: int, d_out: int, *, axes: tuple[str, str], rng: np.random.Generator,
+                 dtype=jnp.float32):
+        self.kernel = nnx.Param(torch_linear_init(rng, (d_in, d_out), d_in), axes=axes)
+        self.bias = nnx.Param(torch_linear_init(rng, (d_out,), d_in), axes=(axes[1],))
+        self.dtype = dtype
+
+    def __call__(self, x: Array) -> Array:
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                    preferred_element_type=jnp.float32)
+        return (y + self.bias[...]).astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis, computed in float32 (eps 1e-5 as torch)."""
+
+    def __init__(self, dim: int, *, axis_name: str = "embed", eps: float = 1e-5,
+                 dtype=jnp.float32):
+        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32), axes=(axis_name,))
+        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32), axes=(axis_name,))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: Array) -> Array:
+        x = x.astype(jnp.float32)
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.weight[...] + self.bias[...]).astype(self.dtype)
+
+
+def attend(q: Array, k: Array, v: Array, key_mask: Array | None, rate: float, key) -> Array:
+    """Multi-head scaled dot-product attention.
+
+    q ``[B, Lq, nh, hd]``, k/v ``[B, Lk, nh, hd]``, key_mask ``[B, Lk]`` (True = attend) →
+    ``[B, Lq, nh, hd]``. Dropout (rate, key) applies to the attention weights as in torch.
+    """
+    if key is None or rate <= 0.0:
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        return jax.nn.dot_product_attention(q, k, v, mask=mask)
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    if key_mask is not None:
+        logits = jnp.where(key_mask[:, None, None, :], logits, -jnp.inf)
+    weights = dropout(jax.nn.softmax(logits, axis=-1), rate, key).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+class SelfAttention(nnx.Module):
+    """Fused-qkv self-attention (torch key names ``attn.qkv``, ``attn.out_proj``).
+
+    The qkv output dimension is ordered (q|k|v, head, head_dim), as the authors' layout.
+    """
+
+    def __init__(self, dim: int, heads: int, dropout_rate: float, *, rng: np.random.Generator, dtype):
+        self.heads = heads
+        self.dropout_rate = dropout_rate
+        self.qkv = Dense(dim, 3 * dim, axes=("embed", "qkv"), rng=rng, dtype=dtype)
+        self.out_proj = Dense(dim, dim, axes=("heads_merged", "embed"), rng=rng, dtype=dtype)
+
+    def __call__(self, x: Array, key_mask: Array | None = None, key=None) -> Array:
+        """x ``[B, L, D]``, key_mask ``[B, L]`` → ``[B, L, D]``."""
+        b, l, d = x.shape
+        k_attn, k_out = split_key(key, 2)
+        qkv = self.qkv(x).reshape(b, l, 3, self.heads, d // self.heads)
+        out = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], key_mask, self.dropout_rate, k_attn)
+        return dropout(self.out_proj(out.reshape(b, l, d)), self.dropout_rate, k_out)
+
+
+class CrossAttention(nnx.Module):
+    """Cross-attention with separate q/k/v projections; the context is not normalised."""
+
+    def __init__(self, dim: int, heads: int, dropout_rate: float, *, rng: np.random.Generator, dtype):
+        self.heads = heads
+        self.dropout_rate = dropout_rate
+        self.to_q = Dense(dim, dim, axes=("embed", "heads_merged"), rng=rng, dtype=dtype)
+        self.to_k = Dense(dim, dim, axes=("embed", "heads_merged"), rng=rng, dtype=dtype)
+        self.to_v = Dense(dim, dim, axes=("embed", "heads_merged"), rng=rng, dtype=dtype)
+        self.out_proj = Dense(dim, dim, axes=("heads_merged", "embed"), rng=rng, dtype=dtype)
+
+    def __call__(self, x: Array, context: Array, context_mask: Array | None, key=None) -> Array:
+        """x ``[B, Lq, D]``, context ``[B, Lk, D]``, context_mask ``[B, Lk]`` → ``[B, Lq, D]``."""
+        b, lq, d = x.shape
+        lk = context.shape[1]
+        hd = d // self.heads
+        k_attn, k_out = split_key(key, 2)
+        q = self.to_q(x).reshape(b, lq, self.heads, hd)
+        k = self.to_k(context).reshape(b, lk, self.heads, hd)
+        v = self.to_v(context).reshape(b, lk, self.heads, hd)
+        out = attend(q, k, v, context_mask, self.dropout_rate, k_attn)
+        return dropout(self.out_proj(out.reshape(b, lq, d)), self.dropout_rate, k_out)
+
+
+class MLP(nnx.Module):
+    """``Linear → GELU (exact) → Dropout → Linear → Dropout`` (torch ``mlp.linear1/2``)."""
+
+    def __init__(self, dim: int, mlp_dim: int, dropout_rate: float, *, rng: np.random.Generator, dtype):
+        self.dropout_rate = dropout_rate
+        self.linear1 = Dense(dim, mlp_dim, axes=("embed", "mlp"), rng=rng, dtype=dtype)
+        self.linear2 = Dense(mlp_dim, dim, axes=("mlp", "embed"), rng=rng, dtype=dtype)
+
+    def __call__(self, x: Array, key=None) -> Array:
+        k1, k2 = split_key(key, 2)
+        h = dropout(jax.nn.gelu(self.linear1(x), approximate=False), self.dropout_rate, k1)
+        return dropout(self.linear2(h), self.dropout_rate, k2)
+
+
+class EncoderBlock(nnx.Module):
+    """Pre-norm block: ``x += SelfAttn(LN(x)); x += MLP(LN(x))``."""
+
+    def __init__(self, dim, heads, mlp_dim, dropout_rate, *, eps, rng: np.random.Generator, dtype):
+        self.norm1 = LayerNorm(dim, eps=eps, dtype=dtype)
+        self.attn = SelfAttention(dim, heads, dropout_rate, rng=rng, dtype=dtype)
+        self.norm2 = LayerNorm(dim, eps=eps, dtype=dtype)
+        self.mlp = MLP(dim, mlp_dim, dropout_rate, rng=rng, dtype=dtype)
+
+    def __call__(self, x: Array, key_mask: Array | None = None, key=None) -> Array:
+        k1, k2 = split_key(key, 2)
+        x = x + self.attn(self.norm1(x), key_mask, k1)
+        return x + self.mlp(self.norm2(x), k2)
+
+
+class DecoderBlock(nnx.Module):
+    """``x += SelfAttn(LN(x)); x += CrossAttn(LN(x), context); x += MLP(LN(x))``."""
+
+    def __init__(self, dim, heads, mlp_dim, dropout_rate, *, eps, rng: np.random.Generator, dtype):
+        self.norm1 = LayerNorm(dim, eps=eps, dtype=dtype)
+        self.attn = SelfAttention(dim, heads, dropout_rate, rng=rng, dtype=dtype)
+        self.norm_cross_attn = LayerNorm(dim, eps=eps, dtype=dtype)
+        self.cross_attn = CrossAttention(dim, heads, dropout_rate, rng=rng, dtype=dtype)
+        self.norm2 = LayerNorm(dim, eps=eps, dtype=dtype)
+        self.mlp = MLP(dim, mlp_dim, dropout_rate, rng=rng, dtype=dtype)
+
+    def __call__(self, x: Array, context: Array, context_mask: Array | None, key=None) -> Array:
+        k1, k2, k3 = split_key(key, 3)
+        x = x + self.attn(self.norm1(x), None, k1)
+        x = x + self.cross_attn(self.norm_cross_attn(x), context, context_mask, k2)
+        return x + self.mlp(self.norm2(x), k3)

@@ -1,0 +1,95 @@
+"""Training state: parameters as a flat ``{dotted name: array}`` dict, AdamW, schedules.
+
+The flat dict is what checkpoints and exports see (names like
+``encoder_blocks.0.attn.qkv.kernel``); `ParamCodec` turns it back into the NNX model inside
+jitted code. The state is a plain pytree::
+
+    {"step": int32 [], "params": {name: array}, "opt_state": optax state, "rng": uint32 [2]}
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from morpheus_jax.config import Config, TrainConfig
+
+
+class ParamCodec:
+    """Flat parameter dict ↔ NNX model (static: graph, tree structure, names, logical axes)."""
+
+    def __init__(self, model: nnx.Module):
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        if jax.tree.leaves(rest):
+            raise ValueError("the model holds non-parameter state; ParamCodec expects parameters only")
+        self.graphdef = graphdef
+        self.treedef = jax.tree.structure(params)
+        flat = list(nnx.to_flat_state(params))
+        leaves = jax.tree.leaves(params)
+        if len(flat) != len(leaves) or any(a is not v[...] for a, (_, v) in zip(leaves, flat)):
+            raise AssertionError("flat state order differs from the pytree leaf order")
+        self.names = [".".join(str(p) for p in path) for path, _ in flat]
+        self.axes = {n: tuple(v.get_metadata().get("axes") or (None,) * v[...].ndim) for n, (_, v) in zip(self.names, flat)}
+        self.shapes = {n: tuple(leaf.shape) for n, leaf in zip(self.names, leaves)}
+        self.dtypes = {n: leaf.dtype for n, leaf in zip(self.names, leaves)}
+
+    def flatten(self, model: nnx.Module) -> dict[str, jax.Array]:
+        params = nnx.state(model, nnx.Param)
+        return dict(zip(self.names, jax.tree.leaves(params)))
+
+    def model(self, flat: dict[str, Any]) -> nnx.Module:
+        missing = [n for n in self.names if n not in flat]
+        if missing:
+            raise KeyError(f"parameters missing: {missing[:5]}")
+        params = jax.tree.unflatten(self.treedef, [flat[n] for n in self.names])
+        return nnx.merge(self.graphdef, params)
+
+    def stored_size(self) -> int:
+        """Stored parameter elements (bucket padding of the per-group MLPs included)."""
+        return sum(math.prod(s) for s in self.shapes.values())
+
+
+def paper_schedule(lr: float, steps_per_epoch: int, warmup_epochs: int, period_epochs: int):
+    """The authors' per-epoch factor ``min((e+1)/warmup, 0.5(1 + cos(π e / period)))``."""
+    def schedule(step):
+        epoch = jnp.floor_divide(step, steps_per_epoch).astype(jnp.float32)
+        warm = (epoch + 1.0) / max(warmup_epochs, 1)
+        cos = 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / period_epochs))
+        return lr * jnp.minimum(warm, cos)
+    return schedule
+
+
+def make_schedule(tc: TrainConfig, total_steps: int, steps_per_epoch: int):
+    if tc.schedule == "paper":
+        return paper_schedule(tc.learning_rate, steps_per_epoch, tc.warmup_epochs, tc.cosine_period_epochs)
+    warmup = min(tc.warmup_steps, max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=tc.learning_rate, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=tc.learning_rate * tc.end_lr_factor)
+
+
+def make_optimizer(tc: TrainConfig, schedule) -> optax.GradientTransformation:
+    adamw = optax.adamw(schedule, b1=tc.b1, b2=tc.b2, eps=1e-8, weight_decay=tc.weight_decay)
+    if tc.grad_clip_norm:
+        return optax.chain(optax.clip_by_global_norm(tc.grad_clip_norm), adamw)
+    return adamw
+
+
+def init_state(params: dict[str, jax.Array], tx: optax.GradientTransformation, seed: int) -> dict:
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "opt_state": tx.init(params),
+        "rng": jax.random.key_data(jax.random.key(seed)),
+    }
+
+
+def total_steps(cfg: Config, num_train_records: int) -> int:
+    if cfg.train.epochs:
+        return cfg.train.epochs * math.ceil(num_train_records / cfg.train.global_batch_size)
+    return cfg.train.steps
