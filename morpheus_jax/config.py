@@ -27,9 +27,12 @@ class DataConfig:
     raw_dir: str | None = "data/demo/raw"
     # Synthesised into raw_dir when raw_dir is absent (the demo); None: never synthesise.
     synth_patients: int | None = 500
+    # Share of pretraining patients the synthesised cohort holds out as val-pretrain.
+    synth_val_fraction: float = 0.1
     num_patches: int = 1024
     worker_count: int = 0
-    prefetch_buffer: int = 2
+    # Batches read ahead (and reader threads) per process / per worker.
+    prefetch_buffer: int = 4
     eval_batch_size: int = 16
     # Evaluation bags are padded to the next multiple of this many patches (few shapes to compile).
     eval_bag_bucket: int = 1024
@@ -177,6 +180,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads "3e-3" (no dot) as a string
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)

@@ -28,19 +28,24 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
         raise ValueError(f"mesh data={cfg.data} fsdp={cfg.fsdp} tensor={cfg.tensor} does not fit {num_devices} devices")
     if free:
         sizes[free[0]] = num_devices // fixed
-    if math.prod(sizes) != num_devices:
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} devices, "
-                         f"{num_devices} are present (set one axis to -1)")
+    if math.prod(sizes) > num_devices:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                         f"{num_devices} are present")
     return tuple(sizes)
 
 
 def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
+    """Mesh over all devices, or over the first ones when the axes ask for fewer (one
+    process only: every process must own a part of a multi-process mesh)."""
     devices = list(devices if devices is not None else jax.devices())
     shape = mesh_shape(cfg, len(devices))
     auto = (jax.sharding.AxisType.Auto,) * 3
-    if devices == list(jax.devices()):
-        return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
-    return jax.sharding.Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+    if math.prod(shape) == len(devices):
+        return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    if jax.process_count() > 1:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} must use all {len(devices)} devices "
+                         "when running several processes")
+    return jax.sharding.Mesh(np.asarray(devices[: math.prod(shape)]).reshape(shape), MESH_AXES, axis_types=auto)
 
 
 def logical_to_spec(axes: tuple, shape: tuple[int, ...], rules: dict[str, list[str]],

@@ -4,6 +4,14 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import tempfile
+
+import jax
+
+# Runs in one session rebuild identical programs (fresh closures): share compiled code.
+jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "morpheus-jax-test-xla-cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
 import numpy as np
 import pytest
 

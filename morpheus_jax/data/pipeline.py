@@ -137,13 +137,13 @@ def train_dataset(root: str | Path, split: str, *, global_batch: int, num_patche
     return ds.batch(global_batch // process_count, drop_remainder=True)
 
 
-def train_iterator(ds: grain.MapDataset, worker_count: int = 0, prefetch: int = 2):
+def train_iterator(ds: grain.MapDataset, worker_count: int = 0, prefetch: int = 4):
     """Checkpointable iterator (``get_state`` / ``set_state``) with optional worker processes."""
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, min(16, 4 * max(1, worker_count))),
-                                              prefetch_buffer_size=max(1, prefetch)))
+    prefetch = max(1, prefetch)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch))
     if worker_count > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
-                                                         per_worker_buffer_size=max(1, prefetch)))
+                                                         per_worker_buffer_size=prefetch))
     return iter(it)
 
 

@@ -276,13 +276,7 @@ def _write_shard(root: Path, split: str, shard: int, patients: list[dict], cohor
                  bar) -> dict:
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    rows = []
-    for p in patients:
-        shapes = [(cohort.features_dir / s, slide_shape(cohort.features_dir / s)) for s in p["WSI"]]
-        for path, (_, d) in shapes:
-            if d != opts.wsi_dim:
-                raise PrepareError(f"{path}: dataset 'features' has feature dim {d}, expected {opts.wsi_dim}")
-        rows.append(sum(n for _, (n, _) in shapes))
+    rows = [p["patch_count"] for p in patients]
     final_patch = rec.patch_path(root, split, shard)
     final_rec = rec.record_path(root, split, shard)
     tmp_patch = final_patch.with_name(final_patch.name + ".tmp")
@@ -362,24 +356,35 @@ def prepare(cohort: RawCohort, out: str | os.PathLike, opts: PrepareOptions | No
                 raise PrepareError(f"{cohort.metadata}: patient {sid!r} {what} (--strict)")
             skipped[problem] += 1
             continue
-        keep.append(row)
+        keep.append(dict(row))
     meta_cols = [c for c in meta.columns if c not in RESERVED]
 
     (out / "records").mkdir(parents=True, exist_ok=True)
     (out / "patches").mkdir(parents=True, exist_ok=True)
     if (out / rec.MANIFEST).exists():
         os.remove(out / rec.MANIFEST)
+    # Every slide's shape first (HDF5 metadata only): a missing, unreadable or mis-sized file
+    # fails the run before anything is written.
+    with tqdm(keep, desc="check slides", unit="patient", disable=not opts.progress) as bar:
+        for row in bar:
+            count = 0
+            for s in row["WSI"]:
+                n, d = slide_shape(cohort.features_dir / s)
+                if d != opts.wsi_dim:
+                    raise PrepareError(f"{cohort.features_dir / s}: dataset 'features' has feature dim {d}, "
+                                       f"expected {opts.wsi_dim}")
+                count += n
+            row["patch_count"] = count
     shards, counts = [], {}
-    bar = tqdm(total=len(keep), desc="prepare", unit="patient", disable=not opts.progress)
-    for split in rec.SPLITS:
-        patients = [dict(r) for r in keep if r["split"] == split]
-        for i, p in enumerate(patients):
-            p["index"] = i
-        counts[split] = len(patients)
-        for shard, start in enumerate(range(0, len(patients), opts.records_per_shard)):
-            chunk = patients[start: start + opts.records_per_shard]
-            shards.append(_write_shard(out, split, shard, chunk, cohort, omics, meta_cols, opts, bar))
-    bar.close()
+    with tqdm(total=len(keep), desc="prepare", unit="patient", disable=not opts.progress) as bar:
+        for split in rec.SPLITS:
+            patients = [dict(r) for r in keep if r["split"] == split]
+            for i, p in enumerate(patients):
+                p["index"] = i
+            counts[split] = len(patients)
+            for shard, start in enumerate(range(0, len(patients), opts.records_per_shard)):
+                chunk = patients[start: start + opts.records_per_shard]
+                shards.append(_write_shard(out, split, shard, chunk, cohort, omics, meta_cols, opts, bar))
     manifest = {
         "schema_version": rec.SCHEMA_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

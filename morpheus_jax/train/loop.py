@@ -53,7 +53,7 @@ def ensure_dataset(cfg: Config) -> Path:
         from morpheus_jax.data.synth import write_synthetic_cohort
         log(f"synthesising a demo cohort of {cfg.data.synth_patients} patients into {raw}")
         write_synthetic_cohort(raw, n_patients=cfg.data.synth_patients, seed=cfg.seed,
-                               feature_dim=cfg.model.wsi_dim)
+                               feature_dim=cfg.model.wsi_dim, val_fraction=cfg.data.synth_val_fraction)
     log(f"preparing {raw} into {root}")
     manifest = prepare(RawCohort.from_dir(raw), root, PrepareOptions(
         wsi_dim=cfg.model.wsi_dim, allow_missing_modalities=cfg.data.allow_missing_modalities))
@@ -308,6 +308,9 @@ def pretrain(cfg: Config, *, progress: bool = True) -> dict:
             state, m = train_step(state, batch)
             step += 1
             pending.append(m)
+            if len(pending) > 2:
+                # Bound dispatch run-ahead (each queued step pins its input batch on device).
+                jax.block_until_ready(pending[-3]["loss"])
             is_log = step % cfg.train.log_every == 0 or step == steps
             is_eval = cfg.train.eval_every > 0 and (step % cfg.train.eval_every == 0 or step == steps)
             if is_log or is_eval or pre.signal:
@@ -322,7 +325,8 @@ def pretrain(cfg: Config, *, progress: bool = True) -> dict:
                                 **({"val": f"{row['val_loss']:.4f}"} if "val_loss" in row else {}))
                 pending, t_window = [], time.perf_counter()
             bar.update(1)
-            ckpt.save(step, state, data_iter, spec, force=bool(pre.signal) or step == steps)
+            if step % cfg.checkpoint.every == 0 or step == steps or pre.signal:
+                ckpt.save(step, state, data_iter, spec, force=True)
             if pre.signal:
                 stopped_by = signal.Signals(pre.signal).name
                 break

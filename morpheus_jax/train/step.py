@@ -69,7 +69,7 @@ def make_train_step(codec: ParamCodec, tx: optax.GradientTransformation, schedul
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss, **{f"loss_{m}": v for m, v in losses.items()},
-                   "lr": schedule(state["step"]), "grad_norm": optax.global_norm(grads)}
+                   "lr": schedule(state["step"]), "grad_norm": optax.tree.norm(grads)}
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}
         return new_state, metrics
 

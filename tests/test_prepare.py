@@ -1,0 +1,195 @@
+import ast
+import json
+import shutil
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+
+from morpheus_jax.data import pipeline, records
+from morpheus_jax.data.prepare import PrepareError, PrepareOptions, RawCohort, canonical_features, prepare
+from morpheus_jax.data.synth import write_synthetic_cohort
+
+DIM = 16
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cohort")
+    write_synthetic_cohort(root / "raw", n_patients=60, seed=3, feature_dim=DIM, mean_patches_per_slide=40,
+                           progress=False)
+    manifest = prepare(RawCohort.from_dir(root / "raw"), root / "ds",
+                       PrepareOptions(wsi_dim=DIM, records_per_shard=16, progress=False))
+    return root, manifest
+
+
+def _expected_omics(raw, m, features):
+    df = pd.read_csv(raw / "omics" / f"{m}.csv", index_col=0)
+    df.index = df.index.astype(str)
+    df = df[features].astype(np.float64)
+    if m == "cnv":
+        return np.log10(df.fillna(2.0) / 2.0 + 1.0)
+    return df.fillna(0.0)
+
+
+def test_prepared_values_equal_raw_after_transforms(cohort):
+    root, manifest = cohort
+    raw = root / "raw"
+    meta = pd.read_csv(raw / "metadata.csv")
+    for m in ("rna", "dnam", "cnv"):
+        groups = json.load(open(raw / "mappings" / f"{m}.json"))
+        assert manifest["modalities"][m]["features"] == canonical_features(groups)
+        assert list(manifest["modalities"][m]["groups"]) == list(groups)
+    expected = {m: _expected_omics(raw, m, manifest["modalities"][m]["features"]) for m in ("rna", "dnam", "cnv")}
+    n_seen = 0
+    for split in records.SPLITS:
+        recs = pipeline.read_split(root / "ds", split, manifest)
+        assert len(recs) == manifest["counts"][split]
+        assert [r["index"] for r in recs] == list(range(len(recs)))
+        for r in recs:
+            row = meta[meta.submitter_id == r["submitter_id"]].iloc[0]
+            assert row["split"] == split
+            for m in ("rna", "dnam", "cnv"):
+                np.testing.assert_allclose(r["omics"][m], expected[m].loc[r["submitter_id"]].to_numpy(), rtol=1e-6, atol=1e-7)
+            slides = ast.literal_eval(row["WSI"])
+            assert r["slides"] == slides
+            bag = []
+            for s in slides:
+                with h5py.File(raw / "features" / s) as f:
+                    x = f["features"][()]
+                bag.append(x.reshape(-1, DIM))
+            bag = np.concatenate(bag).astype(np.float16)
+            stored = pipeline.read_rows(root / "ds", split, r["patch_shard"], r["patch_offset"],
+                                        r["patch_offset"] + r["patch_count"])
+            assert stored.shape == bag.shape and stored.dtype == np.float16
+            # Same rows as a multiset (stored pre-shuffled).
+            np.testing.assert_array_equal(np.unique(stored, axis=0), np.unique(bag, axis=0))
+            assert r["meta"]["survival_months"] == pytest.approx(float(row["survival_months"]))
+            n_seen += 1
+    assert n_seen == sum(manifest["counts"].values())
+
+
+def test_skipped_patients_counted_and_strict(cohort, tmp_path):
+    root, manifest = cohort
+    meta = pd.read_csv(root / "raw" / "metadata.csv")
+    no_slide = int((meta["WSI"] == "[]").sum())
+    ids = set(meta.submitter_id)
+    for m in ("rna", "dnam", "cnv"):
+        ids &= set(pd.read_csv(root / "raw" / "omics" / f"{m}.csv", index_col=0).index.astype(str))
+    complete = meta[meta.submitter_id.isin(ids) & (meta["WSI"] != "[]")]
+    assert sum(manifest["counts"].values()) == len(complete)
+    assert manifest["skipped"]["no_slide"] == no_slide
+    assert manifest["skipped"]["missing_modality"] == len(meta) - len(complete) - no_slide
+    assert manifest["skipped"]["missing_modality"] > 0
+    with pytest.raises(PrepareError, match="lacks omics|has no slide"):
+        prepare(RawCohort.from_dir(root / "raw"), tmp_path / "ds", PrepareOptions(wsi_dim=DIM, strict=True, progress=False))
+    assert not (tmp_path / "ds" / records.MANIFEST).exists()
+
+
+def test_inspect_detects_corruption(cohort, tmp_path):
+    root, _ = cohort
+    ds = tmp_path / "ds"
+    shutil.copytree(root / "ds", ds)
+    ok = subprocess.run([sys.executable, "-m", "morpheus_jax.cli", "inspect", str(ds)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "verified" in ok.stdout
+    shard = sorted((ds / "records").glob("*.array_record"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    bad = subprocess.run([sys.executable, "-m", "morpheus_jax.cli", "inspect", str(ds)], capture_output=True, text=True)
+    assert bad.returncode == 1
+    assert "checksum mismatch" in bad.stderr and shard.name in bad.stderr
+
+
+def _copy_raw(root, tmp_path):
+    raw = tmp_path / "raw"
+    shutil.copytree(root / "raw", raw)
+    return raw
+
+
+def _first_slide(root, raw):
+    """A slide of a patient the dataset keeps."""
+    rec = pipeline.read_split(root / "ds", "pretrain")[0]
+    return raw / "features" / rec["slides"][0]
+
+
+@pytest.mark.parametrize("case", ["missing_h5", "nan", "dim", "duplicate", "absent_feature", "non_numeric", "truncated"])
+def test_bad_input_one_line_error_and_no_dataset(cohort, tmp_path, case):
+    root, _ = cohort
+    raw = _copy_raw(root, tmp_path)
+    slide = _first_slide(root, raw)
+    if case == "missing_h5":
+        slide.unlink()
+        expect = [slide.name, "does not exist"]
+    elif case in ("nan", "dim"):
+        with h5py.File(slide, "r+") as f:
+            x = f["features"][()]
+            del f["features"]
+            if case == "nan":
+                x[..., 3, 1] = np.nan
+            else:
+                x = x[..., :-1]
+            f["features"] = x
+        expect = [slide.name, "features", "NaN" if case == "nan" else "dim"]
+    elif case == "truncated":
+        data = slide.read_bytes()
+        slide.write_bytes(data[: len(data) // 3])
+        expect = [slide.name]
+    elif case == "duplicate":
+        meta = pd.read_csv(raw / "metadata.csv")
+        meta.loc[len(meta) - 1, "submitter_id"] = meta.loc[0, "submitter_id"]
+        meta.to_csv(raw / "metadata.csv", index=False)
+        expect = ["metadata.csv", "duplicate submitter_id"]
+    elif case == "absent_feature":
+        df = pd.read_csv(raw / "omics" / "dnam.csv", index_col=0)
+        groups = json.load(open(raw / "mappings" / "dnam.json"))
+        gone = next(iter(groups.values()))[0]
+        df.drop(columns=[gone]).to_csv(raw / "omics" / "dnam.csv")
+        expect = ["dnam.csv", gone]
+    else:
+        df = pd.read_csv(raw / "omics" / "rna.csv", index_col=0)
+        groups = json.load(open(raw / "mappings" / "rna.json"))
+        col = next(iter(groups.values()))[0]
+        df[col] = df[col].astype(object)
+        df.iloc[2, df.columns.get_loc(col)] = "high"
+        df.to_csv(raw / "omics" / "rna.csv")
+        expect = ["rna.csv", col, "non-numeric"]
+    out = tmp_path / "ds"
+    proc = subprocess.run([sys.executable, "-m", "morpheus_jax.cli", "prepare", "--raw", str(raw), "--out", str(out),
+                           "--wsi-dim", str(DIM)], capture_output=True, text=True)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("morpheus prepare: error:")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    last = errors[0]
+    for word in expect:
+        assert word in last, last
+    insp = subprocess.run([sys.executable, "-m", "morpheus_jax.cli", "inspect", str(out)], capture_output=True, text=True)
+    assert insp.returncode != 0
+
+
+def test_training_samples_deterministic_and_topped_up(cohort):
+    root, manifest = cohort
+    ds = pipeline.train_dataset(root / "ds", "pretrain", global_batch=4, num_patches=64, seed=5,
+                                modalities=("rna", "dnam", "cnv"), manifest=manifest)
+    a, b = ds[0], ds[0]
+    np.testing.assert_array_equal(a["wsi"], b["wsi"])
+    assert a["wsi"].shape == (4, 64, DIM) and a["wsi_mask"].all()
+    recs = {r["index"]: r for r in pipeline.read_split(root / "ds", "pretrain", manifest)}
+    for row in range(4):
+        r = recs[int(a["record"][row])]
+        bag = pipeline.read_rows(root / "ds", "pretrain", r["patch_shard"], r["patch_offset"],
+                                 r["patch_offset"] + r["patch_count"])
+        rows = {x.tobytes() for x in bag}
+        assert all(x.tobytes() in rows for x in a["wsi"][row])
+        distinct = len({x.tobytes() for x in a["wsi"][row]})
+        assert distinct == min(64, len(rows))  # without replacement up to the bag size
+        np.testing.assert_array_equal(a["omics"]["rna"][row], r["omics"]["rna"])
+    # Epoch 2 reshuffles the order of patients.
+    n = manifest["counts"]["pretrain"]
+    first = [int(ds[i]["record"][j]) for i in range(n // 4) for j in range(4)]
+    second = [int(ds[n // 4 + i]["record"][j]) for i in range(n // 4) for j in range(4)]
+    assert first != second
