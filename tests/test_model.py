@@ -164,7 +164,8 @@ def test_shapes_every_modality_subset(layouts, subset, with_wsi):
     wsi, mask, omics = _inputs(layouts)
     omics = {m: omics[m] for m in subset}
     t = sum(layouts[m].num_groups for m in subset)
-    enc, valid = model.encode(wsi if with_wsi else None, mask if with_wsi else None, omics)
+    enc, valid = nnx.jit(lambda mdl, w, k, o: mdl.encode(w, k, o))(
+        model, wsi if with_wsi else None, mask if with_wsi else None, omics)
     assert enc.shape == (3, 1 + (4 if with_wsi else 0) + t, 32)
     assert bool(valid.all())
     out = jit_model(model)(wsi if with_wsi else None, mask if with_wsi else None, omics)
@@ -176,7 +177,7 @@ def test_training_plan_sequence_length_and_wsi_always_seen(layouts):
     model = init_model(tiny_model_config(), layouts, 0)
     wsi, mask, omics = _inputs(layouts)
     plan = random_keep(jax.random.key(0), (6, 5, 4), 0.75, 3)
-    enc, valid = model.encode(wsi, mask, omics, plan)
+    enc, valid = nnx.jit(lambda mdl, w, k, o, p: mdl.encode(w, k, o, p))(model, wsi, mask, omics, plan)
     assert enc.shape == (3, 1 + 4 + 3, 32)
     assert bool(valid[:, : 1 + 4].all())
     # WSI tokens are never masked: changing the bag changes every prediction under any plan.

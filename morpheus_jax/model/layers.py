@@ -5,7 +5,10 @@ maps them to mesh axes. Initialisers follow PyTorch's defaults (``nn.Linear``:
 U(±1/sqrt(fan_in)) for weight and bias; ``nn.LayerNorm``: ones and zeros) so training
 dynamics match the authors' model.
 
-Dropout takes an explicit PRNG key; ``key=None`` means evaluation (no dropout).
+Dropout takes an explicit PRNG key; ``key=None`` means evaluation (no dropout). A block
+draws the uniform noise of all its dropout sites in one PRNG call (`block_noise`): each
+partitionable threefry call costs seconds of XLA compile time on CPU, so one call per
+block instead of one per site keeps the training step's compile short.
 """
 
 from __future__ import annotations
@@ -37,11 +40,23 @@ def split_key(key, n: int):
     return list(jax.random.split(key, n))
 
 
-def dropout(x: Array, rate: float, key) -> Array:
+def block_noise(key, rate: float, shapes: list[tuple[int, ...]]) -> list[Array | None]:
+    """Uniform [0, 1) arrays of the given shapes (leading batch axis shared) from one PRNG
+    call; Nones in evaluation (key None) or when rate is 0."""
     if key is None or rate <= 0.0:
+        return [None] * len(shapes)
+    b = shapes[0][0]
+    sizes = [math.prod(s[1:]) for s in shapes]
+    u = jax.random.uniform(key, (b, sum(sizes)))
+    offsets = np.cumsum([0] + sizes)
+    return [u[:, offsets[i]: offsets[i + 1]].reshape(s) for i, s in enumerate(shapes)]
+
+
+def dropout(x: Array, rate: float, noise: Array | None) -> Array:
+    """Inverted dropout; ``noise`` is uniform [0, 1) of x's shape (None: identity)."""
+    if noise is None or rate <= 0.0:
         return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))
+    return jnp.where(noise >= rate, x / (1.0 - rate), jnp.zeros((), x.dtype))
 
 
 class Dense(nnx.Module):
@@ -77,20 +92,21 @@ class LayerNorm(nnx.Module):
         return (y * self.weight[...] + self.bias[...]).astype(self.dtype)
 
 
-def attend(q: Array, k: Array, v: Array, key_mask: Array | None, rate: float, key) -> Array:
+def attend(q: Array, k: Array, v: Array, key_mask: Array | None, rate: float, noise) -> Array:
     """Multi-head scaled dot-product attention.
 
     q ``[B, Lq, nh, hd]``, k/v ``[B, Lk, nh, hd]``, key_mask ``[B, Lk]`` (True = attend) →
-    ``[B, Lq, nh, hd]``. Dropout (rate, key) applies to the attention weights as in torch.
+    ``[B, Lq, nh, hd]``. Dropout (rate, noise ``[B, nh, Lq, Lk]``) applies to the attention
+    weights as in torch.
     """
-    if key is None or rate <= 0.0:
+    if noise is None or rate <= 0.0:
         mask = None if key_mask is None else key_mask[:, None, None, :]
         return jax.nn.dot_product_attention(q, k, v, mask=mask)
     scale = q.shape[-1] ** -0.5
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     if key_mask is not None:
         logits = jnp.where(key_mask[:, None, None, :], logits, -jnp.inf)
-    weights = dropout(jax.nn.softmax(logits, axis=-1), rate, key).astype(v.dtype)
+    weights = dropout(jax.nn.softmax(logits, axis=-1), rate, noise).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
@@ -106,13 +122,15 @@ class SelfAttention(nnx.Module):
         self.qkv = Dense(dim, 3 * dim, axes=("embed", "qkv"), rng=rng, dtype=dtype)
         self.out_proj = Dense(dim, dim, axes=("heads_merged", "embed"), rng=rng, dtype=dtype)
 
-    def __call__(self, x: Array, key_mask: Array | None = None, key=None) -> Array:
+    def noise_shapes(self, b: int, lq: int, lk: int, d: int) -> list[tuple[int, ...]]:
+        return [(b, self.heads, lq, lk), (b, lq, d)]
+
+    def __call__(self, x: Array, key_mask: Array | None = None, noise=(None, None)) -> Array:
         """x ``[B, L, D]``, key_mask ``[B, L]`` → ``[B, L, D]``."""
         b, l, d = x.shape
-        k_attn, k_out = split_key(key, 2)
         qkv = self.qkv(x).reshape(b, l, 3, self.heads, d // self.heads)
-        out = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], key_mask, self.dropout_rate, k_attn)
-        return dropout(self.out_proj(out.reshape(b, l, d)), self.dropout_rate, k_out)
+        out = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], key_mask, self.dropout_rate, noise[0])
+        return dropout(self.out_proj(out.reshape(b, l, d)), self.dropout_rate, noise[1])
 
 
 class CrossAttention(nnx.Module):
@@ -126,17 +144,19 @@ class CrossAttention(nnx.Module):
         self.to_v = Dense(dim, dim, axes=("embed", "heads_merged"), rng=rng, dtype=dtype)
         self.out_proj = Dense(dim, dim, axes=("heads_merged", "embed"), rng=rng, dtype=dtype)
 
-    def __call__(self, x: Array, context: Array, context_mask: Array | None, key=None) -> Array:
+    def noise_shapes(self, b: int, lq: int, lk: int, d: int) -> list[tuple[int, ...]]:
+        return [(b, self.heads, lq, lk), (b, lq, d)]
+
+    def __call__(self, x: Array, context: Array, context_mask: Array | None, noise=(None, None)) -> Array:
         """x ``[B, Lq, D]``, context ``[B, Lk, D]``, context_mask ``[B, Lk]`` → ``[B, Lq, D]``."""
         b, lq, d = x.shape
         lk = context.shape[1]
         hd = d // self.heads
-        k_attn, k_out = split_key(key, 2)
         q = self.to_q(x).reshape(b, lq, self.heads, hd)
         k = self.to_k(context).reshape(b, lk, self.heads, hd)
         v = self.to_v(context).reshape(b, lk, self.heads, hd)
-        out = attend(q, k, v, context_mask, self.dropout_rate, k_attn)
-        return dropout(self.out_proj(out.reshape(b, lq, d)), self.dropout_rate, k_out)
+        out = attend(q, k, v, context_mask, self.dropout_rate, noise[0])
+        return dropout(self.out_proj(out.reshape(b, lq, d)), self.dropout_rate, noise[1])
 
 
 class MLP(nnx.Module):
@@ -147,10 +167,12 @@ class MLP(nnx.Module):
         self.linear1 = Dense(dim, mlp_dim, axes=("embed", "mlp"), rng=rng, dtype=dtype)
         self.linear2 = Dense(mlp_dim, dim, axes=("mlp", "embed"), rng=rng, dtype=dtype)
 
-    def __call__(self, x: Array, key=None) -> Array:
-        k1, k2 = split_key(key, 2)
-        h = dropout(jax.nn.gelu(self.linear1(x), approximate=False), self.dropout_rate, k1)
-        return dropout(self.linear2(h), self.dropout_rate, k2)
+    def noise_shapes(self, b: int, l: int, d: int) -> list[tuple[int, ...]]:
+        return [(b, l, self.linear1.kernel.shape[1]), (b, l, d)]
+
+    def __call__(self, x: Array, noise=(None, None)) -> Array:
+        h = dropout(jax.nn.gelu(self.linear1(x), approximate=False), self.dropout_rate, noise[0])
+        return dropout(self.linear2(h), self.dropout_rate, noise[1])
 
 
 class EncoderBlock(nnx.Module):
@@ -163,9 +185,11 @@ class EncoderBlock(nnx.Module):
         self.mlp = MLP(dim, mlp_dim, dropout_rate, rng=rng, dtype=dtype)
 
     def __call__(self, x: Array, key_mask: Array | None = None, key=None) -> Array:
-        k1, k2 = split_key(key, 2)
-        x = x + self.attn(self.norm1(x), key_mask, k1)
-        return x + self.mlp(self.norm2(x), k2)
+        b, l, d = x.shape
+        noise = block_noise(key, self.attn.dropout_rate,
+                            self.attn.noise_shapes(b, l, l, d) + self.mlp.noise_shapes(b, l, d))
+        x = x + self.attn(self.norm1(x), key_mask, noise[0:2])
+        return x + self.mlp(self.norm2(x), noise[2:4])
 
 
 class DecoderBlock(nnx.Module):
@@ -180,7 +204,10 @@ class DecoderBlock(nnx.Module):
         self.mlp = MLP(dim, mlp_dim, dropout_rate, rng=rng, dtype=dtype)
 
     def __call__(self, x: Array, context: Array, context_mask: Array | None, key=None) -> Array:
-        k1, k2, k3 = split_key(key, 3)
-        x = x + self.attn(self.norm1(x), None, k1)
-        x = x + self.cross_attn(self.norm_cross_attn(x), context, context_mask, k2)
-        return x + self.mlp(self.norm2(x), k3)
+        b, l, d = x.shape
+        shapes = (self.attn.noise_shapes(b, l, l, d) + self.cross_attn.noise_shapes(b, l, context.shape[1], d)
+                  + self.mlp.noise_shapes(b, l, d))
+        noise = block_noise(key, self.attn.dropout_rate, shapes)
+        x = x + self.attn(self.norm1(x), None, noise[0:2])
+        x = x + self.cross_attn(self.norm_cross_attn(x), context, context_mask, noise[2:4])
+        return x + self.mlp(self.norm2(x), noise[4:6])

@@ -1,0 +1,406 @@
+"""Export to / import from the authors' PyTorch layout (reference §5) and the CLI around it."""
+
+import argparse
+import json
+import re
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_layouts, tiny_model_config
+from morpheus_jax.config import Config
+from morpheus_jax.export import files, torch_layout
+from morpheus_jax.export.checkpoints import make_spec, read_checkpoint, resolve_step_dir, write_checkpoint
+from morpheus_jax.export.cli import register
+from morpheus_jax.export.convert import ExportError, export_checkpoint, import_weights
+from morpheus_jax.model.morpheus import init_model
+from morpheus_jax.model.tokenizers import GroupLayout
+from morpheus_jax.train.state import ParamCodec
+
+ROOT = Path(__file__).resolve().parent.parent
+TORCH_KWARGS = ("hidden_size", "num_prototypes", "wsi_dim", "group_hidden", "encoder_layers", "encoder_heads",
+                "encoder_mlp_dim", "encoder_dropout", "decoder_layers", "decoder_heads", "decoder_mlp_dim",
+                "decoder_dropout")
+
+
+# -- helpers shared with test_torch_parity.py and test_api.py -----------------------------------------
+
+def named_setup(seed=0, **model_kw):
+    """(config, groups {m: {g: [names]}}, features {m: [names]}, layouts) from conftest's tiny layouts;
+    rna groups overlap and the canonical order is not the walk order."""
+    cfg = Config()
+    cfg.model = tiny_model_config(**model_kw)
+    base = make_layouts(seed, buckets=cfg.model.group_buckets)
+    groups = {m: {n: [f"{m}_f{i}" for i in idx] for n, idx in zip(lay.group_names, lay.feature_index)}
+              for m, lay in base.items()}
+    features = {m: [f"{m}_f{i}" for i in range(lay.num_features)] for m, lay in base.items()}
+    layouts = {m: GroupLayout.from_mapping(groups[m], features[m], cfg.model.group_buckets) for m in base}
+    assert layouts == base
+    return cfg, groups, features, layouts
+
+
+def random_params(cfg, layouts, seed=0, with_decoders=True):
+    """Non-trivial values everywhere (LayerNorm weights/biases, tokens, prototypes); padding stays zero."""
+    model = init_model(cfg.model, layouts, seed, with_decoders=with_decoders)
+    flat = {k: np.asarray(v) for k, v in ParamCodec(model).flatten(model).items()}
+    rng = np.random.default_rng(seed + 100)
+    out = {}
+    for k, v in flat.items():
+        noise = rng.normal(size=v.shape).astype(np.float32) * 0.3
+        if k.endswith(".weight") and v.ndim == 1:
+            out[k] = 1.0 + noise
+        elif np.all(v == 0):
+            out[k] = noise
+        else:
+            out[k] = v + 0.3 * noise * (v != 0)
+        out[k] = out[k].astype(np.float32)
+    return out
+
+
+def save_checkpoint(run_dir, cfg, groups, features, params, step=7):
+    """A checkpoint as training writes it (state with optimizer state and RNG, spec), no data item."""
+    import jax.numpy as jnp
+    import optax
+
+    from morpheus_jax.train.checkpoint import Checkpointer
+    from morpheus_jax.train.state import init_state
+
+    state = init_state({k: jnp.asarray(v) for k, v in params.items()}, optax.adamw(1e-3), 0)
+    state["step"] = jnp.asarray(step, jnp.int32)
+    ckpt = Checkpointer(Path(run_dir) / "checkpoints", every=1, keep=2, async_save=False)
+    ckpt.save(step, state, None, make_spec(cfg, groups, features), force=True)
+    ckpt.close()
+    return Path(run_dir) / "checkpoints" / str(step)
+
+
+def torch_kwargs(cfg):
+    return {k: getattr(cfg.model, k) for k in TORCH_KWARGS}
+
+
+def run_cli(argv):
+    parser = argparse.ArgumentParser(prog="morpheus")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    cfg, groups, features, layouts = named_setup(encoder_layers=2, decoder_layers=2, encoder_heads=2)
+    params = random_params(cfg, layouts, seed=1)
+    run = tmp_path_factory.mktemp("export") / "run"
+    save_checkpoint(run, cfg, groups, features, params)
+    return cfg, groups, features, layouts, params, run
+
+
+# -- §5 at paper shapes --------------------------------------------------------------------------------
+
+def reference_keys(groups, h=256, p=16, wsi=1536, gh=256, mlp=256, enc_layers=1, dec_layers=1, decoders=True):
+    """§5 written out (independently of torch_layout)."""
+    keys = {"global_token": (1, 1, h), "wsi_tokenizer.prototypes": (p, h),
+            "wsi_tokenizer.kv_norm.weight": (wsi,), "wsi_tokenizer.kv_norm.bias": (wsi,),
+            "wsi_tokenizer.k_proj.weight": (h, wsi), "wsi_tokenizer.k_proj.bias": (h,),
+            "wsi_tokenizer.v_proj.weight": (h, wsi), "wsi_tokenizer.v_proj.bias": (h,),
+            "wsi_tokenizer.q_norm.weight": (h,), "wsi_tokenizer.q_norm.bias": (h,),
+            "wsi_tokenizer.output_proj.weight": (h, h), "wsi_tokenizer.output_proj.bias": (h,),
+            "wsi_tokenizer.out_norm.weight": (h,), "wsi_tokenizer.out_norm.bias": (h,),
+            "norm.weight": (h,), "norm.bias": (h,)}
+
+    def block(prefix, cross):
+        keys.update({f"{prefix}.norm1.weight": (h,), f"{prefix}.norm1.bias": (h,),
+                     f"{prefix}.attn.qkv.weight": (3 * h, h), f"{prefix}.attn.qkv.bias": (3 * h,),
+                     f"{prefix}.attn.out_proj.weight": (h, h), f"{prefix}.attn.out_proj.bias": (h,),
+                     f"{prefix}.norm2.weight": (h,), f"{prefix}.norm2.bias": (h,),
+                     f"{prefix}.mlp.linear1.weight": (mlp, h), f"{prefix}.mlp.linear1.bias": (mlp,),
+                     f"{prefix}.mlp.linear2.weight": (h, mlp), f"{prefix}.mlp.linear2.bias": (h,)})
+        if cross:
+            keys.update({f"{prefix}.norm_cross_attn.weight": (h,), f"{prefix}.norm_cross_attn.bias": (h,)})
+            for proj in ("to_q", "to_k", "to_v", "out_proj"):
+                keys.update({f"{prefix}.cross_attn.{proj}.weight": (h, h), f"{prefix}.cross_attn.{proj}.bias": (h,)})
+
+    for i in range(enc_layers):
+        block(f"encoder_blocks.{i}", False)
+    for m, sizes in groups.items():
+        for g, size in sizes.items():
+            t = f"omics_tokenizers.{m}.token_mlp_dict.{g}"
+            keys.update({f"{t}.0.0.weight": (gh, size), f"{t}.0.0.bias": (gh,),
+                         f"{t}.1.0.weight": (h, gh), f"{t}.1.0.bias": (h,)})
+        if not decoders:
+            continue
+        d = f"omics_decoders.{m}"
+        keys.update({f"{d}.mask_tokens": (1, 1, h), f"{d}.id_embeddings": (1, len(sizes), h),
+                     f"{d}.decoder_embed.weight": (h, h), f"{d}.decoder_embed.bias": (h,),
+                     f"{d}.decoder_norm.weight": (h,), f"{d}.decoder_norm.bias": (h,)})
+        for i in range(dec_layers):
+            block(f"{d}.decoder_blocks.{i}", True)
+        for g, size in sizes.items():
+            r = f"{d}.reverse_tokenizer.token_reverse.{g}"
+            keys.update({f"{r}.0.0.weight": (gh, h), f"{r}.0.0.bias": (gh,),
+                         f"{r}.1.weight": (size, gh), f"{r}.1.bias": (size,)})
+    return keys
+
+
+def test_paper_shapes_export_keys_equal_reference():
+    import torch
+
+    from morpheus_jax.config import load_config
+    from morpheus_jax.torch import MorpheusProto, MorpheusProtoEncoder
+
+    cfg = load_config("paper")
+    sizes = json.loads((ROOT / "tests" / "fixtures" / "paper_group_sizes.json").read_text())
+    groups = {m: {g: [f"{m}:{g}:{j}" for j in range(s)] for g, s in zip(v["groups"], v["sizes"])}
+              for m, v in sizes.items()}
+    layouts = {m: GroupLayout.from_mapping(groups[m], [f for fs in groups[m].values() for f in fs],
+                                           cfg.model.group_buckets) for m in cfg.model.modalities}
+    model = init_model(cfg.model, layouts, 0)
+    flat = {k: np.asarray(v) for k, v in ParamCodec(model).flatten(model).items()}
+    group_sizes = {m: dict(zip(v["groups"], v["sizes"])) for m, v in sizes.items()}
+
+    full = torch_layout.to_torch(flat, layouts, cfg.model)
+    ref = reference_keys(group_sizes)
+    assert list(full) == list(torch_layout.torch_schema(cfg.model, group_sizes))
+    assert {k: v.shape for k, v in full.items()} == ref
+    assert abs(sum(v.size for v in full.values()) / 1e6 - 33.98) < 0.01
+    assert all(v.dtype == np.float32 and v.flags.c_contiguous for v in full.values())
+
+    enc = torch_layout.to_torch(flat, layouts, cfg.model, encoder_only=True)
+    assert {k: v.shape for k, v in enc.items()} == reference_keys(group_sizes, decoders=False)
+    rna_only = torch_layout.to_torch(flat, layouts, cfg.model, encoder_only=True, modalities=["rna"])
+    assert {k: v.shape for k, v in rna_only.items()} == reference_keys({"rna": group_sizes["rna"]}, decoders=False)
+
+    # The PyTorch modules have exactly these keys too (what strict loading checks).
+    torch.manual_seed(0)
+    tm = MorpheusProto(group_sizes)
+    assert {k: tuple(v.shape) for k, v in tm.state_dict().items()} == ref
+    te = MorpheusProtoEncoder({"rna": group_sizes["rna"]}, n_outputs=5)
+    want = reference_keys({"rna": group_sizes["rna"]}, decoders=False)
+    want.update({"final_layer.1.weight": (5, 256), "final_layer.1.bias": (5,)})
+    assert {k: tuple(v.shape) for k, v in te.state_dict().items()} == want
+    assert set(MorpheusProtoEncoder(n_outputs=2).state_dict()) == {
+        k for k in reference_keys({}, decoders=False)} | {"final_layer.1.weight", "final_layer.1.bias"}
+
+
+# -- round trips ----------------------------------------------------------------------------------------
+
+def test_layout_round_trip_is_bitwise_and_pads_with_zeros(tiny):
+    cfg, groups, features, layouts, params, _ = tiny
+    sd = torch_layout.to_torch(params, layouts, cfg.model)
+    back = torch_layout.from_torch(sd, layouts, cfg.model)
+    assert set(back) == set(params)
+    for k in params:
+        assert back[k].dtype == np.float32
+        np.testing.assert_array_equal(back[k], params[k], err_msg=k)
+    # A transposed Linear and a per-group slice, by hand.
+    np.testing.assert_array_equal(sd["encoder_blocks.1.attn.qkv.weight"], params["encoder_blocks.1.attn.qkv.kernel"].T)
+    lay = layouts["dnam"]
+    g = lay.buckets[1][0]
+    name, size = lay.group_names[g], lay.sizes[g]
+    np.testing.assert_array_equal(sd[f"omics_tokenizers.dnam.token_mlp_dict.{name}.0.0.weight"],
+                                  params["omics_tokenizers.dnam.w1.1"][0, :size].T)
+    np.testing.assert_array_equal(sd[f"omics_decoders.dnam.reverse_tokenizer.token_reverse.{name}.1.bias"],
+                                  params["omics_decoders.dnam.reverse_tokenizer.b2.1"][0, :size])
+    # Whatever sits in the padding of a stacked bucket is dropped by export and zero after import.
+    dirty = dict(params)
+    w = params["omics_tokenizers.dnam.w1.0"].copy()
+    w[:, -1] += 5.0
+    dirty["omics_tokenizers.dnam.w1.0"] = w
+    again = torch_layout.from_torch(torch_layout.to_torch(dirty, layouts, cfg.model), layouts, cfg.model)
+    small = [s for s, grp in enumerate(lay.buckets[0]) if lay.sizes[grp] < lay.bucket_width(0)]
+    assert small and np.all(again["omics_tokenizers.dnam.w1.0"][small, -1] == 0)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_export_import_round_trip_bitwise(tiny, tmp_path, suffix):
+    cfg, groups, features, layouts, params, run = tiny
+    out = tmp_path / f"model{suffix}"
+    assert run_cli(["export", "--checkpoint", str(run), "--out", str(out)]) == 0
+    sd, side = files.read_weights(out)
+    assert side["modalities"] == ["rna", "dnam", "cnv"] and side["encoder_only"] is False
+    assert side["group_names"]["rna"] == list(groups["rna"]) and side["feature_names"]["cnv"] == features["cnv"]
+    assert side["config"]["encoder_heads"] == 2 and side["step"] == 7
+    assert list(sd) == list(torch_layout.torch_schema(cfg.model, torch_layout.group_sizes(layouts))) or \
+        suffix == ".safetensors"   # safetensors stores keys sorted
+    # Import with the sidecar (no flags) and with explicit mappings and heads (as for the authors' files).
+    assert run_cli(["import-torch", str(out), "--out", str(tmp_path / "imp")]) == 0
+    maps = {}
+    for m, grp in groups.items():
+        maps[m] = tmp_path / f"{m}.json"
+        maps[m].write_text(json.dumps(grp))
+    out.with_name(out.name + ".json").unlink()
+    assert run_cli(["import-torch", str(out), "--out", str(tmp_path / "imp2"), "--num-heads", "2",
+                    "--decoder-num-heads", "4", "--mapping"] + [f"{m}={p}" for m, p in maps.items()]) == 0
+    ck = read_checkpoint(tmp_path / "imp")
+    assert set(ck.params) == set(params) and ck.step == 7
+    for k in params:
+        np.testing.assert_array_equal(ck.params[k], params[k], err_msg=k)
+    assert ck.config.model == cfg.model and ck.groups == groups
+    assert ck.features == features   # the sidecar's canonical order
+    # Without a sidecar the other settings are the defaults (e.g. 4 buckets), the weights the same.
+    ck2 = read_checkpoint(tmp_path / "imp2")
+    assert (ck2.config.model.encoder_heads, ck2.config.model.decoder_heads) == (2, 4)
+    assert ck2.config.model.group_buckets == Config().model.group_buckets != cfg.model.group_buckets
+    sd2 = torch_layout.to_torch(ck2.params, ck2.layouts, ck2.config.model)
+    assert sd2.keys() == sd.keys() and all(np.array_equal(sd[k], sd2[k]) for k in sd)
+    # An imported checkpoint exports to the same file contents.
+    again = tmp_path / f"again{suffix}"
+    assert run_cli(["export", "--checkpoint", str(tmp_path / "imp"), "--out", str(again)]) == 0
+    sd3, _ = files.read_weights(again)
+    assert sd3.keys() == sd.keys() and all(np.array_equal(sd[k], sd3[k]) for k in sd)
+
+
+def test_bfloat16_and_encoder_only_exports(tiny, tmp_path):
+    import torch
+
+    cfg, groups, features, layouts, params, run = tiny
+    out = tmp_path / "enc.pt"
+    assert run_cli(["export", "--checkpoint", str(run / "checkpoints"), "--out", str(out), "--encoder-only",
+                    "--modalities", "cnv,rna", "--dtype", "bfloat16"]) == 0
+    raw = torch.load(out, weights_only=True)
+    assert all(v.dtype == torch.bfloat16 for v in raw.values())
+    side = json.loads(out.with_name("enc.pt.json").read_text())
+    assert side["modalities"] == ["rna", "cnv"] and side["encoder_only"] and side["module"] == "MorpheusProtoEncoder"
+    assert not any(k.startswith(("omics_decoders.", "omics_tokenizers.dnam.", "final_layer")) for k in raw)
+    full = torch_layout.to_torch(params, layouts, cfg.model)
+    for k, v in raw.items():
+        want = torch.from_numpy(full[k]).to(torch.bfloat16)
+        assert torch.equal(v, want), k
+    # The same through safetensors (no torch involved in writing).
+    st = tmp_path / "enc.safetensors"
+    assert run_cli(["export", "--checkpoint", str(resolve_step_dir(run)), "--out", str(st), "--encoder-only",
+                    "--dtype", "bfloat16"]) == 0
+    sd, _ = files.read_weights(st)
+    key = "omics_tokenizers.dnam.token_mlp_dict.dnam_g0.1.0.weight"
+    np.testing.assert_array_equal(sd[key], torch.from_numpy(full[key]).to(torch.bfloat16).float().numpy())
+
+
+def test_authors_state_dict_imports_losslessly(tmp_path):
+    """A state dict saved by a PyTorch MorpheusProto (the authors' keys; random, non-trivial values,
+    different head counts) → import-torch with mapping files → export gives the same tensors."""
+    import torch
+
+    from morpheus_jax.torch import MorpheusProto
+
+    cfg, groups, features, layouts = named_setup(encoder_heads=8, decoder_heads=2, group_buckets=3)
+    torch.manual_seed(3)
+    tm = MorpheusProto({m: {g: len(f) for g, f in grp.items()} for m, grp in groups.items()}, **torch_kwargs(cfg))
+    with torch.no_grad():
+        for p in tm.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    pth = tmp_path / "pretrained_models" / "morpheus.pth"
+    pth.parent.mkdir()
+    torch.save({"state_dict": tm.state_dict()}, pth)   # wrapped, as some training scripts save
+    maps = []
+    for m, grp in groups.items():
+        (tmp_path / f"{m}.json").write_text(json.dumps(grp))
+        maps.append(f"{m}={tmp_path / f'{m}.json'}")
+    ckpt = tmp_path / "imported"
+    assert run_cli(["import-torch", str(pth), "--num-heads", "8", "--decoder-num-heads", "2", "--out", str(ckpt),
+                    "--mapping"] + maps) == 0
+    ck = read_checkpoint(ckpt)
+    assert ck.config.model.encoder_heads == 8 and ck.config.model.decoder_heads == 2
+    assert ck.config.model.group_buckets == Config().model.group_buckets and ck.config.model.hidden_size == 32
+    assert ck.features == {m: list(dict.fromkeys(f for fs in grp.values() for f in fs)) for m, grp in groups.items()}
+    out = tmp_path / "back.pt"
+    assert run_cli(["export", "--checkpoint", str(ckpt), "--out", str(out)]) == 0
+    back = torch.load(out, weights_only=True)
+    orig = tm.state_dict()
+    assert set(back) == set(orig)
+    assert all(torch.equal(back[k], orig[k]) for k in orig)
+    tm.load_state_dict(back, strict=True)
+
+
+def test_errors_name_the_problem(tiny, tmp_path, capsys):
+    cfg, groups, features, layouts, params, run = tiny
+    out = tmp_path / "m.safetensors"
+    assert run_cli(["export", "--checkpoint", str(run), "--out", str(out)]) == 0
+    sd, side = files.read_weights(out)
+
+    with pytest.raises(files.WeightFileError, match="unsupported suffix"):
+        export_checkpoint(run, tmp_path / "m.npz")
+    with pytest.raises(FileExistsError):
+        export_checkpoint(run, out)
+    assert run_cli(["export", "--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.pt")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    with pytest.raises(ExportError, match="--encoder-only"):
+        export_checkpoint(run, tmp_path / "y.pt", modalities=["rna"])
+
+    bad = dict(sd)
+    key = "omics_tokenizers.cnv.token_mlp_dict.cnv_g1.0.0.weight"
+    bad[key] = bad[key][:, :-1]
+    files.write_weights(tmp_path / "bad.safetensors", bad, side)
+    with pytest.raises(ExportError, match="cnv_g1"):
+        import_weights(tmp_path / "bad.safetensors", tmp_path / "i1")
+    bad = dict(sd)
+    bad["encoder_blocks.0.mlp.linear2.weight"] = bad["encoder_blocks.0.mlp.linear2.weight"][:, :5]
+    files.write_weights(tmp_path / "bad2.safetensors", bad, side)
+    with pytest.raises(torch_layout.LayoutError, match=r"encoder_blocks\.0\.mlp\.linear2\.weight"):
+        import_weights(tmp_path / "bad2.safetensors", tmp_path / "i2")
+    extra = dict(sd, **{"final_layer.1.weight": np.zeros((2, 32), np.float32),
+                        "final_layer.1.bias": np.zeros(2, np.float32)})
+    files.write_weights(tmp_path / "head.safetensors", extra, side)
+    with pytest.raises(ExportError, match="final_layer"):
+        import_weights(tmp_path / "head.safetensors", tmp_path / "i3")
+    files.write_weights(tmp_path / "noside.safetensors", sd, None)
+    with pytest.raises(ExportError, match="--mapping rna=JSON dnam=JSON cnv=JSON"):
+        import_weights(tmp_path / "noside.safetensors", tmp_path / "i4")
+    wrong = {g: f for g, f in list(groups["rna"].items())[:-1]}
+    with pytest.raises(ExportError, match="mapping groups and weight-file groups differ"):
+        import_weights(tmp_path / "noside.safetensors", tmp_path / "i5", mappings={**groups, "rna": wrong})
+    with pytest.raises(Exception, match="not divisible"):
+        import_weights(out, tmp_path / "i6", num_heads=5)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "f").write_text("x")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        import_weights(out, tmp_path / "busy")
+    with pytest.raises(torch_layout.LayoutError, match="'.'"):
+        torch_layout.torch_schema(cfg.model, {"rna": {"a.b": 3}})
+
+
+# -- docs/pytorch.md runs as written ------------------------------------------------------------------
+
+def _doc_blocks(text):
+    for lang, body in re.findall(r"```(bash|python)\n(.*?)```", text, flags=re.S):
+        yield lang, body.replace("\\\n", " ")
+
+
+def test_pytorch_docs_example_runs(tiny, tmp_path, monkeypatch):
+    import torch
+
+    import morpheus_jax
+    from morpheus_jax import api
+    from morpheus_jax.torch import MorpheusProto
+
+    cfg, groups, features, layouts, params, run = tiny
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(morpheus_jax, "load", api.load, raising=False)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "demo").symlink_to(run)
+    # What a user of the authors' code holds: their state dict and their mapping files.
+    names = {"rna": "hallmarks_genes", "dnam": "dnam_chr_genes", "cnv": "cnv_chr_genes"}
+    (tmp_path / "data" / "mappings").mkdir(parents=True)
+    for m, grp in groups.items():
+        (tmp_path / "data" / "mappings" / f"{names[m]}.json").write_text(json.dumps(grp))
+    (tmp_path / "pretrained_models").mkdir()
+    kw = dict(torch_kwargs(cfg), encoder_heads=8, decoder_heads=8)
+    torch.save(MorpheusProto({m: {g: len(f) for g, f in grp.items()} for m, grp in groups.items()}, **kw).state_dict(),
+               tmp_path / "pretrained_models" / "morpheus.pth")
+
+    text = (ROOT / "docs" / "pytorch.md").read_text()
+    assert text.startswith("## Using the weights in PyTorch")
+    namespace: dict = {}
+    ran = {"bash": 0, "python": 0}
+    for lang, body in _doc_blocks(text):
+        if lang == "bash":
+            for line in body.splitlines():
+                if line.strip():
+                    argv = shlex.split(line)
+                    assert argv[0] == "morpheus"
+                    assert run_cli(argv[1:]) == 0, line
+        else:
+            exec(compile(body, "docs/pytorch.md", "exec"), namespace)
+        ran[lang] += 1
+    assert ran == {"bash": 2, "python": 3}
+    assert namespace["tokens"].shape == (2, 1 + cfg.model.num_prototypes + len(groups["rna"]), 32)
+    assert namespace["cnv_genes"].shape == (2, len(features["cnv"]))
