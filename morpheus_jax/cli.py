@@ -38,7 +38,7 @@ def cmd_prepare(args) -> int:
             raise SystemExit(f"morpheus prepare: error: give --raw DIR or all of {', '.join(missing)}")
         cohort = RawCohort(Path(args.metadata), Path(args.features_dir), _pairs(args.omics, "--omics"),
                            _pairs(args.mapping, "--mapping"))
-    opts = PrepareOptions(records_per_shard=args.records_per_shard, patch_dtype=args.patch_dtype,
+    opts = PrepareOptions(records_per_shard=args.records_per_shard, patch_dtype=args.patch_dtype, workers=args.workers,
                           chunk_rows=args.chunk_rows, wsi_dim=args.wsi_dim, seed=args.seed, strict=args.strict,
                           allow_missing_modalities=args.allow_missing_modalities, overwrite=args.overwrite)
     manifest = prepare(cohort, args.out, opts)
@@ -97,7 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--omics", nargs="+", metavar="M=CSV", help="omics CSVs, e.g. rna=rna.csv dnam=dnam.csv cnv=cnv.csv")
     s.add_argument("--mapping", nargs="+", metavar="M=JSON", help="group mappings, e.g. rna=rna.json …")
     s.add_argument("--out", required=True, help="output dataset folder")
-    s.add_argument("--records-per-shard", type=int, default=256, help="patients per shard (default 256)")
+    s.add_argument("--records-per-shard", type=int, default=128, help="patients per shard (default 128)")
+    s.add_argument("--workers", type=int, default=1,
+                   help="processes writing shards in parallel (default 1); rerunning an interrupted prepare "
+                        "with the same inputs skips the shards already written and verified")
     s.add_argument("--patch-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="stored patch dtype (default float16)")
     s.add_argument("--chunk-rows", type=int, default=128, help="patch rows per zarr chunk (default 128)")
@@ -125,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dotted config overrides, e.g. train.steps=100 model.hidden_size=64")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_pretrain)
+
+    from morpheus_jax.export.cli import register as register_export
+    register_export(sub)
     return p
 
 

@@ -59,14 +59,17 @@ def random_params(cfg, layouts, seed=0, with_decoders=True):
     return out
 
 
-def save_checkpoint(run_dir, cfg, groups, features, params, step=7):
-    """A checkpoint as training writes it (state with optimizer state and RNG, spec), no data item."""
+def save_checkpoint(run_dir, cfg, groups, features, params, step=7, optimizer=True):
+    """``run_dir/checkpoints/<step>``: as training writes it (state with AdamW state and RNG, spec;
+    no data item), or with ``optimizer=False`` as import writes it (step and parameters)."""
     import jax.numpy as jnp
     import optax
 
     from morpheus_jax.train.checkpoint import Checkpointer
     from morpheus_jax.train.state import init_state
 
+    if not optimizer:
+        return write_checkpoint(Path(run_dir) / "checkpoints", step, params, make_spec(cfg, groups, features))
     state = init_state({k: jnp.asarray(v) for k, v in params.items()}, optax.adamw(1e-3), 0)
     state["step"] = jnp.asarray(step, jnp.int32)
     ckpt = Checkpointer(Path(run_dir) / "checkpoints", every=1, keep=2, async_save=False)

@@ -5,7 +5,6 @@ The main parser adds them with ``register(subparsers)``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -66,19 +65,19 @@ def register(subparsers) -> None:
         "export", help="export a checkpoint as a PyTorch state dict (the authors' layout) + sidecar JSON",
         description="Write a checkpoint's weights in the authors' PyTorch layout (keys and shapes of "
                     "MorpheusProto / MorpheusProtoEncoder, loadable with load_state_dict(strict=True)) and a "
-                    "sidecar FILE.json with the config, modality order, group names and canonical feature names.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "sidecar FILE.json with the config, modality order, group names and canonical feature names.")
     s.add_argument("--checkpoint", required=True,
                    help="a run folder (its latest checkpoint), a checkpoints folder or one checkpoint step folder")
     s.add_argument("--out", required=True,
-                   help="output file; the suffix picks the format: .safetensors, or .pt / .pth (torch.save of a state dict)")
+                   help="output file; the suffix picks the format: .safetensors, or .pt / .pth "
+                        "(torch.save of a state dict)")
     s.add_argument("--encoder-only", action="store_true",
                    help="keep only what a fine-tuning model (MorpheusProtoEncoder) loads: no decoders, no head")
     s.add_argument("--modalities", default=None,
                    help="with --encoder-only: comma-separated omics modalities whose tokenizers to keep "
                         "(e.g. rna for a WSI+RNA model; default: all of the checkpoint's)")
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="stored parameter dtype (bfloat16 halves the file; import widens it back to float32)")
+                   help="stored parameter dtype (default float32; bfloat16 halves the file, import widens it back)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     s.set_defaults(fn=cmd_export)
 
@@ -87,9 +86,9 @@ def register(subparsers) -> None:
         description="Read a MorpheusProto / MorpheusProtoEncoder state dict (.safetensors, .pt or .pth), infer the "
                     "sizes from its shapes, and write a checkpoint folder OUT/<step>/ that morpheus_jax.load and "
                     "morpheus export read. Group order and feature names come from --mapping (or from the "
-                    "sidecar FILE.json of a morpheus export).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    s.add_argument("file", help="state dict file (.safetensors, .pt or .pth); a sidecar FILE.json beside it is used if present")
+                    "sidecar FILE.json of a morpheus export).")
+    s.add_argument("file", help="state dict file (.safetensors, .pt or .pth); a sidecar FILE.json beside it "
+                                "is used if present")
     s.add_argument("--mapping", nargs="+", metavar="M=JSON",
                    help="group mappings {group: [feature names]} per modality, e.g. rna=hallmarks.json "
                         "dnam=dnam.json cnv=cnv.json (required unless FILE.json provides them)")
@@ -101,10 +100,11 @@ def register(subparsers) -> None:
                    help="attention heads of the decoders if they differ from --num-heads")
     s.add_argument("--modalities", default=None,
                    help="comma-separated model modality order, e.g. rna,dnam,cnv (default: the sidecar's, "
-                        "else the order of --mapping)")
+                        "else the order of --mapping, else rna,dnam,cnv)")
     s.add_argument("--config", default=None,
                    help="YAML config (or a name in configs/) for the settings shapes do not fix "
                         "(dropout, group_buckets, training); default: the sidecar's, else the built-in defaults")
-    s.add_argument("--step", type=int, default=None, help="step number to give the checkpoint (default: the sidecar's, else 0)")
+    s.add_argument("--step", type=int, default=None,
+                   help="step number to give the checkpoint (default: the sidecar's, else 0)")
     s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     s.set_defaults(fn=cmd_import)

@@ -66,6 +66,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
         raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
     ckpt = read_checkpoint(checkpoint)
     cfg = ckpt.config
+    if cfg.model.layer_norm_eps != 1e-5:
+        raise ExportError(f"model.layer_norm_eps is {cfg.model.layer_norm_eps}: the PyTorch modules use 1e-5 "
+                          "everywhere (reference §5), so the export would not reproduce this model's outputs")
     if modalities is not None and not encoder_only:
         raise ExportError("--modalities selects the tokenizers of an encoder-only export; add --encoder-only")
     mods = list(cfg.model.modalities if modalities is None else modalities)

@@ -332,7 +332,8 @@ def infer_model(sd: Mapping[str, np.ndarray]) -> InferredModel:
         if len(dec_mods) != len(groups):
             raise LayoutError(f"decoders for {dec_mods} but tokenizers for {list(groups)}: expected both or none")
         first = dec_mods[0]
-        dec = {int(x.group(1)) for k in sd if (x := re.match(rf"omics_decoders\.{re.escape(first)}\.decoder_blocks\.(\d+)\.", k))}
+        pattern = re.compile(rf"omics_decoders\.{re.escape(first)}\.decoder_blocks\.(\d+)\.")
+        dec = {int(x.group(1)) for k in sd if (x := pattern.match(k))}
         if not dec or sorted(dec) != list(range(len(dec))):
             raise LayoutError(f"{first} decoder blocks are not numbered 0..n-1: {sorted(dec)}")
         sizes["decoder_layers"] = len(dec)

@@ -26,7 +26,6 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 Tensor = torch.Tensor

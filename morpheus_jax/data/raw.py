@@ -1,0 +1,246 @@
+"""Reading and validating the raw TCGA-layout inputs (reference §1).
+
+Every problem raises `PrepareError` with one line naming the file and the field. Omics CSVs
+are streamed in row chunks into a float32 table on disk (`OmicsTable`), so memory does not
+grow with the cohort; slides are read one at a time.
+
+Transforms (recorded in the manifest): canonical feature order per modality (groups in
+mapping order, features in group order, first appearance kept); ``rna`` missing → 0 (the
+per-gene centre); ``dnam`` missing → 0; ``cnv`` missing → 2 then ``log10(cn / 2 + 1)``.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from morpheus_jax.data.records import SPLITS
+
+MODALITIES = ("rna", "dnam", "cnv")
+FILL = {"rna": 0.0, "dnam": 0.0, "cnv": 2.0}
+TRANSFORM = {"rna": "identity", "dnam": "identity", "cnv": "log10(cn/2+1)"}
+RESERVED = {"submitter_id", "project_id", "split", "WSI"}
+# Rows parsed at a time: bounded in cells so wide CSVs (DNAm, ~10^5 columns) stay small.
+CSV_CHUNK_CELLS = 1 << 18
+
+
+class PrepareError(ValueError):
+    """Bad raw input; the message names the file and the field."""
+
+
+@dataclasses.dataclass
+class RawCohort:
+    metadata: Path
+    features_dir: Path
+    omics: dict[str, Path]
+    mappings: dict[str, Path]
+
+    @classmethod
+    def from_dir(cls, raw: str | os.PathLike) -> "RawCohort":
+        """The synth layout: metadata.csv, features/, omics/<m>.csv, mappings/<m>.json."""
+        raw = Path(raw)
+        if not (raw / "metadata.csv").exists():
+            raise PrepareError(f"{raw / 'metadata.csv'}: missing (expected the raw layout: metadata.csv, "
+                               "features/, omics/<m>.csv, mappings/<m>.json)")
+        omics = {m: raw / "omics" / f"{m}.csv" for m in MODALITIES if (raw / "omics" / f"{m}.csv").exists()}
+        mappings = {m: raw / "mappings" / f"{m}.json" for m in omics}
+        return cls(raw / "metadata.csv", raw / "features", omics, mappings)
+
+
+def canonical_features(groups: dict[str, list[str]]) -> list[str]:
+    """Groups in order, features in group order, first appearance kept."""
+    seen: dict[str, None] = {}
+    for members in groups.values():
+        for f in members:
+            seen.setdefault(f, None)
+    return list(seen)
+
+
+def read_mapping(path: Path) -> dict[str, list[str]]:
+    try:
+        with open(path) as f:
+            groups = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise PrepareError(f"{path}: cannot read mapping JSON ({e})") from None
+    if not isinstance(groups, dict) or not groups:
+        raise PrepareError(f"{path}: expected a non-empty JSON object {{group: [feature names]}}")
+    for g, members in groups.items():
+        if not isinstance(members, list) or not members or not all(isinstance(f, str) for f in members):
+            raise PrepareError(f"{path}: group {g!r}: expected a non-empty list of feature names")
+        if len(set(members)) != len(members):
+            raise PrepareError(f"{path}: group {g!r} lists a feature twice")
+    return groups
+
+
+def read_metadata(path: Path) -> pd.DataFrame:
+    """The metadata table with ``WSI`` parsed into lists of slide paths."""
+    try:
+        meta = pd.read_csv(path, dtype={"submitter_id": str, "project_id": str, "split": str, "WSI": str},
+                           keep_default_na=False, na_values=[""])
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise PrepareError(f"{path}: cannot read metadata CSV ({e})") from None
+    for col in ("submitter_id", "split", "WSI"):
+        if col not in meta.columns:
+            raise PrepareError(f"{path}: missing column {col!r} (has {list(meta.columns)[:10]})")
+    if meta["submitter_id"].isna().any():
+        raise PrepareError(f"{path}: column 'submitter_id' is empty in row {int(meta['submitter_id'].isna().idxmax()) + 2}")
+    dup = meta["submitter_id"][meta["submitter_id"].duplicated()]
+    if len(dup):
+        raise PrepareError(f"{path}: duplicate submitter_id {dup.iloc[0]!r} in column 'submitter_id'")
+    bad = sorted(set(meta["split"].dropna()) - set(SPLITS))
+    if bad:
+        raise PrepareError(f"{path}: column 'split' has unknown values {bad[:5]} (expected {list(SPLITS)})")
+    if "project_id" not in meta.columns:
+        meta["project_id"] = "unknown"
+    slides = []
+    for i, raw in enumerate(meta["WSI"]):
+        if pd.isna(raw) or str(raw).strip() == "":
+            slides.append([])
+            continue
+        try:
+            value = ast.literal_eval(str(raw))
+        except (ValueError, SyntaxError):
+            value = None
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise PrepareError(f"{path}: row {i + 2} column 'WSI': expected a list of slide files like "
+                               f"['a.h5'], got {str(raw)[:60]!r}")
+        slides.append(list(value))
+    meta["WSI"] = slides
+    return meta
+
+
+@dataclasses.dataclass
+class OmicsTable:
+    """One modality's mapping features for every patient of its CSV: float32 rows on disk
+    (transforms applied), looked up by submitter_id."""
+
+    path: Path
+    features: list[str]
+    rows: dict[str, int]
+    missing_filled: int
+
+    def reader(self) -> "RowReader":
+        return RowReader(self.path, len(self.features))
+
+
+class RowReader:
+    """Reads single float32 rows of an `OmicsTable` file with pread (no mapping: memory use
+    stays flat however many rows are read)."""
+
+    def __init__(self, path: str | Path, width: int):
+        self.width = width
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def __getitem__(self, row: int) -> np.ndarray:
+        size = 4 * self.width
+        return np.frombuffer(os.pread(self.fd, size, row * size), np.float32)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _check_chunk(path: Path, modality: str, df: pd.DataFrame, features: list[str]) -> np.ndarray:
+    for col in df.columns:
+        if not pd.api.types.is_numeric_dtype(df[col]):
+            values = pd.to_numeric(df[col], errors="coerce")
+            bad = df[col][values.isna() & df[col].notna()]
+            if len(bad):
+                raise PrepareError(f"{path}: column {col!r}: non-numeric value {bad.iloc[0]!r} "
+                                   f"for submitter_id {bad.index[0]!r}")
+            df[col] = values
+    values = df.to_numpy(np.float64)
+    if np.isinf(values).any():
+        r, c = np.argwhere(np.isinf(values))[0]
+        raise PrepareError(f"{path}: column {features[c]!r}: infinite value for submitter_id {df.index[r]!r}")
+    finite = values[~np.isnan(values)]
+    if modality == "dnam" and finite.size and (finite.min() < 0 or finite.max() > 1):
+        r, c = np.argwhere((values < 0) | (values > 1))[0]
+        raise PrepareError(f"{path}: column {features[c]!r}: beta value {values[r, c]:.4g} outside [0, 1] "
+                           f"for submitter_id {df.index[r]!r}")
+    if modality == "cnv" and finite.size and finite.min() < 0:
+        r, c = np.argwhere(values < 0)[0]
+        raise PrepareError(f"{path}: column {features[c]!r}: negative copy number {values[r, c]:.4g} "
+                           f"for submitter_id {df.index[r]!r}")
+    return values
+
+
+def stream_omics(path: Path, modality: str, groups: dict[str, list[str]], out: Path) -> OmicsTable:
+    """Validate one omics CSV chunk by chunk and write its mapping features (transformed,
+    canonical order) to ``out`` as float32 rows."""
+    features = canonical_features(groups)
+    try:
+        header = pd.read_csv(path, nrows=0, index_col=0)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, ValueError, UnicodeDecodeError) as e:
+        raise PrepareError(f"{path}: cannot read omics CSV ({e})") from None
+    absent = [f for f in features if f not in header.columns]
+    if absent:
+        raise PrepareError(f"{path}: {len(absent)} mapping features absent from the CSV columns, e.g. {absent[:5]}")
+    positions = [0] + [header.columns.get_loc(f) + 1 for f in features]
+    rows: dict[str, int] = {}
+    missing = 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(out, "wb") as sink:
+            rows_per_chunk = max(8, CSV_CHUNK_CELLS // max(len(header.columns), 1))
+            for df in pd.read_csv(path, index_col=0, usecols=positions, chunksize=rows_per_chunk):
+                df.index = df.index.astype(str)
+                df = df[features]
+                values = _check_chunk(path, modality, df, features)
+                for sid in df.index:
+                    if sid in rows:
+                        raise PrepareError(f"{path}: duplicate submitter_id {sid!r} in the index column")
+                    rows[sid] = len(rows)
+                nan = np.isnan(values)
+                missing += int(nan.sum())
+                values = np.where(nan, FILL[modality], values)
+                if modality == "cnv":
+                    values = np.log10(values / 2.0 + 1.0)
+                sink.write(np.ascontiguousarray(values, np.float32).tobytes())
+    except pd.errors.ParserError as e:
+        raise PrepareError(f"{path}: malformed CSV ({e})") from None
+    return OmicsTable(out, features, rows, missing)
+
+
+def slide_shape(path: Path) -> tuple[int, int]:
+    """(N, D) of a slide's ``features`` without reading it."""
+    if not path.exists():
+        raise PrepareError(f"{path}: slide HDF5 file listed in metadata column 'WSI' does not exist")
+    try:
+        with h5py.File(path, "r") as f:
+            if "features" not in f:
+                raise PrepareError(f"{path}: no dataset 'features' (has {list(f.keys())[:5]})")
+            shape = f["features"].shape
+    except OSError as e:
+        raise PrepareError(f"{path}: unreadable HDF5 ({e})") from None
+    if len(shape) == 3 and shape[0] == 1:
+        shape = shape[1:]
+    if len(shape) != 2:
+        raise PrepareError(f"{path}: dataset 'features' has shape {shape}, expected [1, N, D] or [N, D]")
+    return int(shape[0]), int(shape[1])
+
+
+def read_slide(path: Path, dim: int) -> np.ndarray:
+    """A slide's patch features ``[N, dim]``, checked finite."""
+    try:
+        with h5py.File(path, "r") as f:
+            x = f["features"][()]
+    except (OSError, KeyError) as e:
+        raise PrepareError(f"{path}: dataset 'features' unreadable or truncated ({e})") from None
+    if x.ndim == 3:
+        x = x[0]
+    if x.ndim != 2 or x.shape[1] != dim:
+        raise PrepareError(f"{path}: dataset 'features' has feature dim {x.shape[-1]}, expected {dim}")
+    finite = np.isfinite(x)
+    if not finite.all():
+        bad = int(np.argwhere(~finite)[0][0])
+        raise PrepareError(f"{path}: dataset 'features' has NaN/Inf values (first at patch {bad})")
+    return x
