@@ -43,20 +43,32 @@ def read_rows(root: Path, split: str, shard: int, start: int, stop: int) -> np.n
     return _store(rec.patch_path(root, split, shard))[start:stop].read().result()
 
 
-def sample_patches(root: Path, record: dict, num_patches: int, rng: np.random.Generator) -> np.ndarray:
-    """``[num_patches, D]`` patches of one patient (window + reshuffle, or top-up)."""
+def chunk_bytes(root: Path, split: str, shard: int, start: int, stop: int) -> int:
+    """Bytes of the chunks a read of rows [start, stop) touches (what storage delivers)."""
+    store = _store(rec.patch_path(root, split, shard))
+    rows = store.chunk_layout.read_chunk.shape[0]
+    chunks = -(-stop // rows) - start // rows
+    return chunks * rows * store.shape[1] * store.dtype.numpy_dtype.itemsize
+
+
+def sample_patches(root: Path, record: dict, num_patches: int,
+                   rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """``[num_patches, D]`` patches of one patient (window + reshuffle, or top-up) and the
+    bytes of the chunks read."""
     off, n = record["patch_offset"], record["patch_count"]
     shard, split = record["patch_shard"], record["split"]
     if n >= num_patches:
         start = int(rng.integers(n))
         end = start + num_patches
-        x = read_rows(root, split, shard, off + start, off + min(end, n))
-        if end > n:
-            x = np.concatenate([x, read_rows(root, split, shard, off, off + end - n)])
-        return x[rng.permutation(num_patches)]
-    x = read_rows(root, split, shard, off, off + n)
-    extra = rng.integers(n, size=num_patches - n)
-    return np.concatenate([x, x[extra]])[rng.permutation(num_patches)]
+        spans = [(off + start, off + min(end, n))] + ([(off, off + end - n)] if end > n else [])
+    else:
+        spans = [(off, off + n)]
+    parts = [read_rows(root, split, shard, a, b) for a, b in spans]
+    nbytes = sum(chunk_bytes(root, split, shard, a, b) for a, b in spans)
+    x = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    if n < num_patches:
+        x = np.concatenate([x, x[rng.integers(n, size=num_patches - n)]])
+    return x[rng.permutation(num_patches)], nbytes
 
 
 def omics_arrays(record: dict, modalities: tuple[str, ...]) -> tuple[dict, np.ndarray]:
@@ -84,13 +96,15 @@ class TrainSample(grain.transforms.MapWithIndex):
         epoch = index // self.num_records
         rng = np.random.default_rng([self.seed, epoch, record["index"]])
         omics, available = omics_arrays(record, self.modalities)
+        wsi, nbytes = sample_patches(Path(self.root), record, self.num_patches, rng)
         return {
-            "wsi": sample_patches(Path(self.root), record, self.num_patches, rng),
+            "wsi": wsi,
             "wsi_mask": np.ones(self.num_patches, bool),
             "omics": omics,
             "available": available,
             "record": np.int32(record["index"]),
             "epoch": np.int32(epoch),
+            "bytes_read": np.int64(nbytes),
         }
 
 
@@ -137,14 +151,55 @@ def train_dataset(root: str | Path, split: str, *, global_batch: int, num_patche
     return ds.batch(global_batch // process_count, drop_remainder=True)
 
 
-def train_iterator(ds: grain.MapDataset, worker_count: int = 0, prefetch: int = 4):
+class TrainIterator(grain.DatasetIterator):
+    """Iterator over a `train_dataset` whose state is the index of the next global batch.
+
+    Because batch ``k`` is a pure function of (dataset, seed, k), the state is portable:
+    it restores onto any worker count (the reader is rebuilt from ``k``) and, once divided
+    out of the global stream, onto another process count. Orbax saves it through Grain's
+    checkpoint handler like any Grain iterator.
+    """
+
+    def __init__(self, ds: grain.MapDataset, worker_count: int = 0, prefetch: int = 4):
+        super().__init__()
+        self._ds, self._workers, self._prefetch = ds, worker_count, max(1, prefetch)
+        self._next = 0
+        self._reader = None
+
+    def _open(self):
+        ds = self._ds if self._next == 0 else self._ds.slice(slice(self._next, None))
+        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=self._prefetch, prefetch_buffer_size=self._prefetch))
+        if self._workers > 0:
+            from absl import flags  # Grain's workers read absl flags; outside absl.app they are unparsed
+            if not flags.FLAGS.is_parsed():
+                flags.FLAGS.mark_as_parsed()
+            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._workers,
+                                                             per_worker_buffer_size=self._prefetch))
+        return iter(it)
+
+    def __next__(self):
+        if self._reader is None:
+            self._reader = self._open()
+        batch = next(self._reader)
+        self._next += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {"next_index": self._next}
+
+    def set_state(self, state: dict) -> None:
+        self.close_reader()
+        self._next = int(state["next_index"])
+
+    def close_reader(self) -> None:
+        if self._reader is not None and hasattr(self._reader, "close"):
+            self._reader.close()
+        self._reader = None
+
+
+def train_iterator(ds: grain.MapDataset, worker_count: int = 0, prefetch: int = 4) -> TrainIterator:
     """Checkpointable iterator (``get_state`` / ``set_state``) with optional worker processes."""
-    prefetch = max(1, prefetch)
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch))
-    if worker_count > 0:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
-                                                         per_worker_buffer_size=prefetch))
-    return iter(it)
+    return TrainIterator(ds, worker_count, prefetch)
 
 
 # -- evaluation: every patch of every patient ----------------------------------------------
