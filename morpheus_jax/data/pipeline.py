@@ -2,9 +2,9 @@
 
 Training stream, per JAX process::
 
-    ArrayRecord records ─ shuffle(seed, per epoch) ─ repeat ─ (epoch, record)
-      ─ this process's block of every global batch ─ decode + patch window read
-      ─ batch ─ [worker processes]
+    ArrayRecord records ─ TrainBatches: this process's rows of global batch k (records in a
+      fresh order each epoch), each decoded and its patch window read straight into the
+      batch arrays ─ [Grain worker processes]
 
 Row ``r`` of global batch ``s`` is element ``s·B + r`` of the shuffled stream whatever the
 number of processes, and a sample's patches are drawn from a generator keyed on
@@ -17,12 +17,13 @@ sampling again with replacement. Evaluation bags hold every patch, padded with a
 
 from __future__ import annotations
 
-import dataclasses
 import math
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
 import grain
+from grain.python import SharedMemoryArray
 import numpy as np
 import tensorstore as ts
 
@@ -51,24 +52,37 @@ def chunk_bytes(root: Path, split: str, shard: int, start: int, stop: int) -> in
     return chunks * rows * store.shape[1] * store.dtype.numpy_dtype.itemsize
 
 
-def sample_patches(root: Path, record: dict, num_patches: int,
-                   rng: np.random.Generator) -> tuple[np.ndarray, int]:
-    """``[num_patches, D]`` patches of one patient (window + reshuffle, or top-up) and the
-    bytes of the chunks read."""
+def sample_patches(root: Path, record: dict, num_patches: int, rng: np.random.Generator,
+                   out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """``[num_patches, D]`` patches of one patient, written into ``out`` (allocated when
+    None), and the bytes of the chunks read.
+
+    A bag of at least ``num_patches`` rows gives one random window of its stored rows
+    (wrapping around): the stored order is a random permutation of the bag, so the window
+    is a uniformly random subset, copied by TensorStore straight into ``out``. It is not
+    reshuffled: that would cost a copy and change nothing, as the WSI tokenizer is
+    permutation-invariant. A smaller bag is topped up by sampling with replacement, then
+    shuffled.
+    """
     off, n = record["patch_offset"], record["patch_count"]
     shard, split = record["patch_shard"], record["split"]
+    store = _store(rec.patch_path(root, split, shard))
+    if out is None:
+        out = np.empty((num_patches, store.shape[1]), store.dtype.numpy_dtype)
     if n >= num_patches:
         start = int(rng.integers(n))
         end = start + num_patches
         spans = [(off + start, off + min(end, n))] + ([(off, off + end - n)] if end > n else [])
+        row = 0
+        for a, b in spans:
+            ts.array(out[row: row + b - a], copy=False, write=True).write(store[a:b]).result()
+            row += b - a
     else:
         spans = [(off, off + n)]
-    parts = [read_rows(root, split, shard, a, b) for a, b in spans]
-    nbytes = sum(chunk_bytes(root, split, shard, a, b) for a, b in spans)
-    x = np.concatenate(parts) if len(parts) > 1 else parts[0]
-    if n < num_patches:
-        x = np.concatenate([x, x[rng.integers(n, size=num_patches - n)]])
-    return x[rng.permutation(num_patches)], nbytes
+        x = store[off: off + n].read().result()
+        order = np.concatenate([np.arange(n), rng.integers(n, size=num_patches - n)])
+        out[...] = x[order[rng.permutation(num_patches)]]
+    return out, sum(chunk_bytes(root, split, shard, a, b) for a, b in spans)
 
 
 def omics_arrays(record: dict, modalities: tuple[str, ...]) -> tuple[dict, np.ndarray]:
@@ -77,78 +91,108 @@ def omics_arrays(record: dict, modalities: tuple[str, ...]) -> tuple[dict, np.nd
     return omics, available
 
 
-class Decode(grain.transforms.Map):
-    def map(self, data: bytes) -> dict:
-        return rec.decode_record(data)
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order of the split's records in an epoch (a fresh permutation per epoch)."""
+    return np.random.default_rng([seed, epoch, 0x5EED]).permutation(n)
 
 
-@dataclasses.dataclass
-class TrainSample(grain.transforms.MapWithIndex):
-    """(epoch, record) → training example. Picklable; opens patch arrays lazily."""
+class TrainBatches(grain.MapDataset):
+    """This process's rows of global batch ``k``, sampled straight into batch arrays.
 
-    root: str
-    num_patches: int
-    seed: int
-    modalities: tuple[str, ...]
-    num_records: int
+    Parent: the split's encoded records. The stream visits every record once per epoch in
+    `epoch_order`; row ``p·b + j`` of global batch ``k`` (b = B / process_count) is stream
+    element ``e = k·B + p·b + j``, of epoch ``e // num_records``. Its patches come from a
+    generator keyed on ``(seed, epoch, record index)``. Picklable; patch arrays open lazily
+    per process.
+    """
 
-    def map_with_index(self, index: int, record: dict) -> dict:
-        epoch = index // self.num_records
-        rng = np.random.default_rng([self.seed, epoch, record["index"]])
-        omics, available = omics_arrays(record, self.modalities)
-        wsi, nbytes = sample_patches(Path(self.root), record, self.num_patches, rng)
-        return {
-            "wsi": wsi,
-            "wsi_mask": np.ones(self.num_patches, bool),
-            "omics": omics,
-            "available": available,
-            "record": np.int32(record["index"]),
-            "epoch": np.int32(epoch),
-            "bytes_read": np.int64(nbytes),
-        }
-
-
-class ProcessBlocks(grain.MapDataset):
-    """This process's rows of every global batch: element ``j`` of the view is element
-    ``(j // b) · B + p · b + j % b`` of the parent (b = B / process_count)."""
-
-    def __init__(self, parent: grain.MapDataset, global_batch: int, process_index: int, process_count: int):
+    def __init__(self, parent: grain.MapDataset, *, root: str, num_records: int, global_batch: int,
+                 num_patches: int, seed: int, modalities: tuple[str, ...], dim: int, dtype: str,
+                 process_index: int = 0, process_count: int = 1):
         super().__init__(parent)
         if global_batch % process_count:
             raise ValueError(f"global batch {global_batch} is not divisible by {process_count} processes")
-        self._b = global_batch // process_count
-        self._big = global_batch
-        self._p = process_index
-        self._len = len(parent) // global_batch * self._b if len(parent) < 2**62 else len(parent)
+        self._root, self._n, self._big = root, num_records, global_batch
+        self._b, self._p = global_batch // process_count, process_index
+        self._num_patches, self._seed, self._modalities = num_patches, seed, tuple(modalities)
+        self._dim, self._dtype = dim, dtype
+        self._orders: dict[int, np.ndarray] = {}
+        # Set in Grain worker processes: patches are written straight into shared memory,
+        # which the training process maps without a copy.
+        self.shared_memory = False
 
     def __len__(self) -> int:
-        return self._len
+        return sys.maxsize
+
+    def _record_index(self, element: int) -> int:
+        epoch, pos = divmod(element, self._n)
+        if epoch not in self._orders:
+            if len(self._orders) > 2:
+                self._orders.pop(min(self._orders))
+            self._orders[epoch] = epoch_order(self._seed, epoch, self._n)
+        return int(self._orders[epoch][pos])
+
+    def __str__(self) -> str:
+        return f"TrainBatches(process={self._p}, rows={self._b} of {self._big})"
 
     def __getitem__(self, index):
         if isinstance(index, slice):
             return self.slice(index)
-        block, row = divmod(index, self._b)
-        return self._parent[block * self._big + self._p * self._b + row]
-
-    def __str__(self) -> str:
-        return f"ProcessBlocks(process={self._p}, rows={self._b} of {self._big})"
+        b, n = self._b, self._num_patches
+        dtype = rec.patch_numpy_dtype(self._dtype)
+        shape = (b, n, self._dim)
+        wsi = SharedMemoryArray(shape, dtype) if self.shared_memory else np.empty(shape, dtype)
+        out = {"wsi": wsi, "wsi_mask": np.ones((b, n), bool),
+               "available": np.zeros((b, len(self._modalities)), bool),
+               "record": np.zeros(b, np.int32), "epoch": np.zeros(b, np.int32), "bytes_read": np.zeros(b, np.int64)}
+        omics = {}
+        for j in range(b):
+            element = index * self._big + self._p * b + j
+            record = rec.decode_record(self._parent[self._record_index(element)])
+            epoch = element // self._n
+            rng = np.random.default_rng([self._seed, epoch, record["index"]])
+            _, out["bytes_read"][j] = sample_patches(Path(self._root), record, n, rng, out=out["wsi"][j])
+            values, out["available"][j] = omics_arrays(record, self._modalities)
+            for m, v in values.items():
+                omics.setdefault(m, np.zeros((b, len(v)), np.float32))[j] = v
+            out["record"][j], out["epoch"][j] = record["index"], epoch
+        out["omics"] = omics
+        return out
 
 
 def train_dataset(root: str | Path, split: str, *, global_batch: int, num_patches: int, seed: int,
                   modalities: tuple[str, ...], process_index: int = 0, process_count: int = 1,
                   manifest: dict | None = None) -> grain.MapDataset:
-    """Infinite MapDataset of this process's host batches (``global_batch / process_count``)."""
+    """Infinite MapDataset of this process's host batches (``global_batch / process_count`` rows)."""
     root = Path(root)
     manifest = manifest or rec.load_manifest(root)
     paths = [str(root / s["records"]["path"]) for s in manifest["shards"] if s["split"] == split]
     n = manifest["counts"].get(split, 0)
     if not paths or n == 0:
         raise rec.DatasetError(f"{root}: split {split!r} has no patients (counts {manifest['counts']})")
-    ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))
-    ds = ds.shuffle(seed=seed % 2**32).repeat(None)
-    ds = ds.map(Decode()).map_with_index(TrainSample(str(root), num_patches, seed, tuple(modalities), n))
-    ds = ProcessBlocks(ds, global_batch, process_index, process_count)
-    return ds.batch(global_batch // process_count, drop_remainder=True)
+    source = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))
+    return TrainBatches(source, root=str(root), num_records=n, global_batch=global_batch, num_patches=num_patches,
+                        seed=seed, modalities=tuple(modalities), dim=manifest["patches"]["dim"],
+                        dtype=manifest["patches"]["dtype"], process_index=process_index,
+                        process_count=process_count)
+
+
+class _SharedMemoryOutput(grain.IterDataset):
+    """Pass-through that lets Grain's worker processes switch `TrainBatches` to shared-memory
+    output (Grain's hook for handing batches over without a copy)."""
+
+    def __init__(self, parent: grain.IterDataset, batches: TrainBatches):
+        super().__init__(parent)
+        self._batches = batches
+
+    def enable_shared_memory_output(self) -> None:
+        self._batches.shared_memory = True
+
+    def __iter__(self):
+        return self._parent.__iter__()
+
+    def __str__(self) -> str:
+        return "SharedMemoryOutput"
 
 
 class TrainIterator(grain.DatasetIterator):
@@ -168,7 +212,12 @@ class TrainIterator(grain.DatasetIterator):
 
     def _open(self):
         ds = self._ds if self._next == 0 else self._ds.slice(slice(self._next, None))
-        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=self._prefetch, prefetch_buffer_size=self._prefetch))
+        # Worker processes give the parallelism; in-process, reader threads do (tensorstore
+        # reads and NumPy copies release the GIL).
+        threads = 1 if self._workers > 0 else self._prefetch
+        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=self._prefetch))
+        if self._workers > 0 and isinstance(self._ds, TrainBatches):
+            it = _SharedMemoryOutput(it, self._ds)
         if self._workers > 0:
             from absl import flags  # Grain's workers read absl flags; outside absl.app they are unparsed
             if not flags.FLAGS.is_parsed():

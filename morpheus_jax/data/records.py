@@ -161,3 +161,11 @@ def verify_dataset(root: str | os.PathLike, manifest: dict | None = None) -> lis
 
 def feature_names(manifest: dict, modality: str) -> list[str]:
     return manifest["modalities"][modality]["features"]
+
+
+def patch_numpy_dtype(name: str) -> np.dtype:
+    """NumPy dtype of stored patches (``bfloat16`` via ml_dtypes)."""
+    if name == "bfloat16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)

@@ -1,0 +1,208 @@
+"""Input pipeline throughput: our prepared records vs the authors' HDF5 path, side by side.
+
+A synthetic cohort with TCGA-sized bags (float32 HDF5 files, ~10,000 patches of 1536 dims
+per patient on average, ~60 MB each) and the paper's omics groups (50 per modality) is
+written once into ``--work`` and prepared. With
+the page cache warm, the same number of Grain worker processes runs:
+
+  raw read    every HDF5 file read sequentially (the storage bandwidth bound)
+  authors     per sample: open the patient's HDF5 files, read every patch, subsample
+              ``num_patches`` in memory, build each group's omics from a pandas row
+  ours        `morpheus_jax.data.pipeline`: one window of the pre-shuffled float16 patches,
+              with ``--workers`` Grain worker processes and, separately, with as many
+              reader threads in the training process (``data.worker_count=0``)
+
+and prints samples/s, MB/s and bytes read per sample for both paths, with the ratios.
+
+    python benchmarks/loader.py [--patients 48] [--batch 32] [--workers 2] [--batches 30] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import grain
+import h5py
+import numpy as np
+import pandas as pd
+
+
+class AuthorsSample(grain.transforms.Map):
+    """The authors' loader, per sample (written here from their description)."""
+
+    def __init__(self, raw: str, num_patches: int, seed: int):
+        self.raw, self.num_patches, self.seed = raw, num_patches, seed
+        self._omics = None
+
+    def _tables(self):
+        if self._omics is None:  # reader threads may race here; build, then publish
+            raw = Path(self.raw)
+            tables = {}
+            for m in ("rna", "dnam", "cnv"):
+                groups = json.loads((raw / "mappings" / f"{m}.json").read_text())
+                tables[m] = (pd.read_csv(raw / "omics" / f"{m}.csv", index_col=0), groups)
+            self._omics = tables
+        return self._omics
+
+    def map(self, row: dict) -> dict:
+        rng = np.random.default_rng([self.seed, row["i"]])
+        bags = []
+        nbytes = 0
+        for slide in row["slides"]:
+            with h5py.File(Path(self.raw) / "features" / slide, "r") as f:
+                x = f["features"][()]
+                nbytes += x.nbytes
+            bags.append(x.reshape(-1, x.shape[-1]))
+        bag = np.concatenate(bags)
+        n = len(bag)
+        idx = rng.choice(n, self.num_patches, replace=n < self.num_patches)
+        out = {"wsi": bag[idx].astype(np.float32), "bytes_read": np.int64(nbytes)}
+        for m, (df, groups) in self._tables().items():
+            series = df.loc[row["submitter_id"]]
+            out[m] = np.concatenate([series[feats].to_numpy(np.float32) for feats in groups.values()])
+        return out
+
+
+def _cohort(work: Path, patients: int, patches: int) -> tuple[Path, Path, list[dict]]:
+    from morpheus_jax.data.prepare import PrepareOptions, RawCohort, prepare
+    from morpheus_jax.data.records import MANIFEST
+    from morpheus_jax.data.synth import write_synthetic_cohort
+
+    raw, ds = work / "raw", work / "dataset"
+    if not (raw / "metadata.csv").exists():
+        shutil.rmtree(raw, ignore_errors=True)
+        print(f"writing {patients} patients with ~{patches} patches each into {raw} …", file=sys.stderr)
+        # TCGA-like: float32 HDF5 bags of ~10k patches, the paper's 3 x 50 omics groups.
+        sizes = json.loads((Path(__file__).resolve().parent.parent / "tests" / "fixtures" /
+                            "paper_group_sizes.json").read_text())
+        write_synthetic_cohort(raw, n_patients=patients, seed=0, mean_patches_per_slide=int(patches / 1.25),
+                               group_sizes={m: v["sizes"] for m, v in sizes.items()},
+                               unique_features={m: v["unique_features"] for m, v in sizes.items()},
+                               float16_fraction=0.0, squeezed_fraction=0.0, empty_slide_fraction=0.0,
+                               omics_missing_fraction=0.0, finetune_fraction=0.0, val_fraction=0.05)
+    if not (ds / MANIFEST).exists():
+        shutil.rmtree(ds, ignore_errors=True)
+        prepare(RawCohort.from_dir(raw), ds, PrepareOptions(workers=2))
+    meta = pd.read_csv(raw / "metadata.csv")
+    import ast
+    rows = [{"i": i, "submitter_id": r.submitter_id, "slides": ast.literal_eval(r.WSI)}
+            for i, r in enumerate(meta.itertuples()) if r.split == "pretrain"]
+    return raw, ds, rows
+
+
+def _warm(paths: list[Path]) -> tuple[float, float]:
+    """Read every file once (page cache), then time a second sequential pass; GB, GB/s."""
+    for p in paths:
+        with open(p, "rb") as f:
+            while f.read(1 << 24):
+                pass
+    t = time.perf_counter()
+    total = 0
+    for p in paths:
+        with open(p, "rb") as f:
+            while block := f.read(1 << 24):
+                total += len(block)
+    return total / 1e9, total / 1e9 / (time.perf_counter() - t)
+
+
+def _h5_read_bandwidth(raw: Path, rows: list[dict]) -> float:
+    t = time.perf_counter()
+    total = 0
+    for r in rows:
+        for s in r["slides"]:
+            with h5py.File(raw / "features" / s, "r") as f:
+                total += f["features"][()].nbytes
+    return total / 1e6 / (time.perf_counter() - t)
+
+
+def _time(it, batches: int, warmup: int = 3) -> tuple[float, float, int]:
+    for _ in range(warmup):
+        next(it)
+    nbytes, samples = 0, 0
+    t = time.perf_counter()
+    for _ in range(batches):
+        b = next(it)
+        nbytes += int(np.sum(b["bytes_read"]))
+        samples += len(b["bytes_read"])
+    dt = time.perf_counter() - t
+    return samples / dt, nbytes / 1e6 / dt, nbytes // samples
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="benchmarks/.work/loader", help="cohort folder (reused across runs)")
+    ap.add_argument("--patients", type=int, default=48, help="patients in the synthetic cohort")
+    ap.add_argument("--patches", type=int, default=10000, help="mean patches per patient")
+    ap.add_argument("--batch", type=int, default=32, help="batch size")
+    ap.add_argument("--workers", type=int, default=2, help="Grain worker processes, both paths")
+    ap.add_argument("--num-patches", type=int, default=1024, help="patches per sample")
+    ap.add_argument("--batches", type=int, default=30, help="timed batches (ours)")
+    ap.add_argument("--authors-batches", type=int, default=4, help="timed batches (authors' path)")
+    ap.add_argument("--json", action="store_true", help="print one JSON line")
+    args = ap.parse_args(argv)
+    from absl import flags
+    flags.FLAGS.mark_as_parsed()
+    from morpheus_jax.data import pipeline
+
+    raw, ds_dir, rows = _cohort(Path(args.work), args.patients, args.patches)
+    h5_files = [raw / "features" / s for r in rows for s in r["slides"]]
+    zarr_files = [p for p in (ds_dir / "patches").rglob("*") if p.is_file()]
+    gb, seq = _warm(h5_files + zarr_files)
+    h5_mb_s = _h5_read_bandwidth(raw, rows)
+    bag_mb = np.mean([sum(h5py.File(raw / "features" / s)["features"].size * 4 for s in r["slides"]) for r in rows]) / 1e6
+
+    ours_ds = pipeline.train_dataset(ds_dir, "pretrain", global_batch=args.batch, num_patches=args.num_patches,
+                                     seed=0, modalities=("rna", "dnam", "cnv"))
+    it = pipeline.train_iterator(ours_ds, 0, prefetch=max(args.workers, 1))
+    threads = _time(it, args.batches)
+    it.close_reader()
+    it = pipeline.train_iterator(ours_ds, args.workers, prefetch=1)
+    ours = _time(it, args.batches)
+    it.close_reader()
+
+    authors_ds = (grain.MapDataset.source(rows).shuffle(seed=0).repeat()
+                  .map(AuthorsSample(str(raw), args.num_patches, 0)).batch(args.batch, drop_remainder=True))
+    a_it = authors_ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
+    if args.workers:
+        a_it = a_it.mp_prefetch(grain.MultiprocessingOptions(num_workers=args.workers))
+    authors = _time(iter(a_it), args.authors_batches, warmup=1)
+
+    sample_bytes = args.num_patches * 1536 * 2
+    result = {
+        "patients": len(rows), "mean_bag_mb_float32": round(bag_mb, 1), "page_cache_gb": round(gb, 2),
+        "sequential_read_gb_per_s": round(seq, 2), "h5_read_mb_per_s": round(h5_mb_s, 1),
+        "batch": args.batch, "workers": args.workers, "num_patches": args.num_patches,
+        "ours_samples_per_s": round(ours[0], 1), "ours_mb_per_s": round(ours[1], 1),
+        "ours_bytes_per_sample": int(ours[2]), "sample_bytes_float16": sample_bytes,
+        "ours_bytes_ratio": round(ours[2] / sample_bytes, 3),
+        "authors_samples_per_s": round(authors[0], 2), "authors_mb_per_s": round(authors[1], 1),
+        "authors_bytes_per_sample": int(authors[2]),
+        "authors_bytes_ratio": round(authors[2] / sample_bytes, 1),
+        "speedup": round(ours[0] / authors[0], 1),
+        "ours_threads_samples_per_s": round(threads[0], 1),
+        "speedup_threads": round(threads[0] / authors[0], 1),
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"cohort: {len(rows)} pretraining patients, {bag_mb:.0f} MB of float32 patches per patient "
+              f"({gb:.1f} GB in the page cache)")
+        print(f"raw sequential read: {seq:.2f} GB/s (files), {h5_mb_s:.0f} MB/s (h5py, whole datasets)")
+        print(f"ours:    {ours[0]:8.1f} samples/s  {ours[1]:8.1f} MB/s  {ours[2] / 1e6:6.2f} MB read per sample "
+              f"({result['ours_bytes_ratio']}x the sample's {sample_bytes / 1e6:.2f} MB), {args.workers} worker processes")
+        print(f"ours:    {threads[0]:8.1f} samples/s  {threads[1]:8.1f} MB/s  (in-process, {max(args.workers, 1)} reader "
+              f"threads)")
+        print(f"authors: {authors[0]:8.2f} samples/s  {authors[1]:8.1f} MB/s  {authors[2] / 1e6:6.2f} MB read per sample "
+              f"({result['authors_bytes_ratio']}x)")
+        print(f"speed-up: {result['speedup']}x samples/s at batch {args.batch} with {args.workers} worker processes each "
+              f"({result['speedup_threads']}x with {max(args.workers, 1)} reader threads)")
+    return result
+
+
+if __name__ == "__main__":
+    main()
