@@ -30,6 +30,9 @@ class DataConfig:
     # Share of pretraining patients the synthesised cohort holds out as val-pretrain.
     synth_val_fraction: float = 0.1
     num_patches: int = 1024
+    # Train on this fraction of the pretrain split (scaling ladders): the first ceil(f·n)
+    # patients of one fixed permutation, so smaller fractions are subsets of larger ones.
+    train_fraction: float = 1.0
     worker_count: int = 0
     # Batches read ahead (and reader threads) per process / per worker.
     prefetch_buffer: int = 4
@@ -281,6 +284,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.modalities must be a non-empty subset of rna, dnam, cnv, got {m.modalities}")
     if cfg.train.global_batch_size < 1 or cfg.train.steps < 0:
         raise ConfigError("train.global_batch_size must be >= 1 and train.steps >= 0")
+    if not 0.0 < cfg.data.train_fraction <= 1.0:
+        raise ConfigError(f"data.train_fraction must be in (0, 1], got {cfg.data.train_fraction}")
     if m.group_buckets < 1:
         raise ConfigError("model.group_buckets must be >= 1")
 

@@ -156,3 +156,14 @@ def test_eval_batches_hold_every_patch(dataset):
             assert not batch["wsi"][j, r["patch_count"]:].any()
             seen.add(i)
     assert seen == set(range(len(recs)))
+
+
+def test_train_fraction_subsets_are_nested_and_exclusive(dataset):
+    root, manifest = dataset
+    n = manifest["counts"]["pretrain"]
+    small, large = pipeline.subset_indices(n, 0.3), pipeline.subset_indices(n, 0.6)
+    assert len(small) == -(-3 * n // 10) and set(small) <= set(large)
+    ds = pipeline.train_dataset(root, "pretrain", global_batch=4, num_patches=8, seed=2, modalities=MODS,
+                                manifest=manifest, fraction=0.3)
+    seen = [int(r) for k in range(3 * len(small) // 4 + 1) for r in ds[k]["record"]]
+    assert set(seen) == set(small.tolist())

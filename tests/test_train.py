@@ -58,3 +58,23 @@ def test_tiny_run_learns_and_is_deterministic(dataset, tmp_path):
     assert (run / "checkpoints" / "30").is_dir()
     final = json.loads((run / "final.json").read_text())
     assert set(final["reconstruction"]) >= {"median_r", "baseline_median_r", "mae", "baseline_mae"}
+
+
+def test_allow_missing_modalities(tmp_path):
+    write_synthetic_cohort(tmp_path / "raw", n_patients=60, seed=2, feature_dim=DIM, mean_patches_per_slide=30,
+                           omics_missing_fraction=0.2, progress=False)
+    strict = prepare(RawCohort.from_dir(tmp_path / "raw"), tmp_path / "strict", PrepareOptions(wsi_dim=DIM, progress=False))
+    loose = prepare(RawCohort.from_dir(tmp_path / "raw"), tmp_path / "ds",
+                    PrepareOptions(wsi_dim=DIM, allow_missing_modalities=True, progress=False))
+    assert sum(loose["counts"].values()) > sum(strict["counts"].values())
+    from morpheus_jax.config import ConfigError
+    with pytest.raises(ConfigError, match="allow_missing_modalities"):
+        pretrain(tiny(tmp_path / "ds", tmp_path / "r0", "train.steps=2"), progress=False)
+    pretrain(tiny(tmp_path / "ds", tmp_path / "r1", "train.steps=6", "data.allow_missing_modalities=true"), progress=False)
+    rows = read_jsonl(tmp_path / "r1" / "metrics.jsonl")
+    assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+    # Missing modalities are in the batches, marked unavailable.
+    from morpheus_jax.data import pipeline
+    ds = pipeline.train_dataset(tmp_path / "ds", "pretrain", global_batch=loose["counts"]["pretrain"] // 2 * 2,
+                                num_patches=8, seed=0, modalities=("rna", "dnam", "cnv"))
+    assert not ds[0]["available"].all()

@@ -91,6 +91,13 @@ def omics_arrays(record: dict, modalities: tuple[str, ...]) -> tuple[dict, np.nd
     return omics, available
 
 
+def subset_indices(n: int, fraction: float) -> np.ndarray:
+    """Records used when training on a fraction of a split: the first ceil(fraction·n) of
+    one fixed permutation (independent of the run seed; nested across fractions)."""
+    keep = max(1, math.ceil(fraction * n))
+    return np.sort(np.random.default_rng(0x5CA1E).permutation(n)[:keep])
+
+
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     """The order of the split's records in an epoch (a fresh permutation per epoch)."""
     return np.random.default_rng([seed, epoch, 0x5EED]).permutation(n)
@@ -108,7 +115,7 @@ class TrainBatches(grain.MapDataset):
 
     def __init__(self, parent: grain.MapDataset, *, root: str, num_records: int, global_batch: int,
                  num_patches: int, seed: int, modalities: tuple[str, ...], dim: int, dtype: str,
-                 process_index: int = 0, process_count: int = 1):
+                 process_index: int = 0, process_count: int = 1, subset: np.ndarray | None = None):
         super().__init__(parent)
         if global_batch % process_count:
             raise ValueError(f"global batch {global_batch} is not divisible by {process_count} processes")
@@ -117,6 +124,9 @@ class TrainBatches(grain.MapDataset):
         self._num_patches, self._seed, self._modalities = num_patches, seed, tuple(modalities)
         self._dim, self._dtype = dim, dtype
         self._orders: dict[int, np.ndarray] = {}
+        self._subset = subset
+        if subset is not None:
+            self._n = len(subset)
         # Set in Grain worker processes: patches are written straight into shared memory,
         # which the training process maps without a copy.
         self.shared_memory = False
@@ -130,7 +140,8 @@ class TrainBatches(grain.MapDataset):
             if len(self._orders) > 2:
                 self._orders.pop(min(self._orders))
             self._orders[epoch] = epoch_order(self._seed, epoch, self._n)
-        return int(self._orders[epoch][pos])
+        index = int(self._orders[epoch][pos])
+        return index if self._subset is None else int(self._subset[index])
 
     def __str__(self) -> str:
         return f"TrainBatches(process={self._p}, rows={self._b} of {self._big})"
@@ -162,8 +173,9 @@ class TrainBatches(grain.MapDataset):
 
 def train_dataset(root: str | Path, split: str, *, global_batch: int, num_patches: int, seed: int,
                   modalities: tuple[str, ...], process_index: int = 0, process_count: int = 1,
-                  manifest: dict | None = None) -> grain.MapDataset:
-    """Infinite MapDataset of this process's host batches (``global_batch / process_count`` rows)."""
+                  manifest: dict | None = None, fraction: float = 1.0) -> grain.MapDataset:
+    """Infinite MapDataset of this process's host batches (``global_batch / process_count``
+    rows), over `subset_indices` of the split when ``fraction`` < 1."""
     root = Path(root)
     manifest = manifest or rec.load_manifest(root)
     paths = [str(root / s["records"]["path"]) for s in manifest["shards"] if s["split"] == split]
@@ -174,7 +186,7 @@ def train_dataset(root: str | Path, split: str, *, global_batch: int, num_patche
     return TrainBatches(source, root=str(root), num_records=n, global_batch=global_batch, num_patches=num_patches,
                         seed=seed, modalities=tuple(modalities), dim=manifest["patches"]["dim"],
                         dtype=manifest["patches"]["dtype"], process_index=process_index,
-                        process_count=process_count)
+                        process_count=process_count, subset=subset_indices(n, fraction) if fraction < 1 else None)
 
 
 class _SharedMemoryOutput(grain.IterDataset):

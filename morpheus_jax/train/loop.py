@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from morpheus_jax import sharding as shd
-from morpheus_jax.config import Config, IncompatibleCheckpoint, from_dict, model_config_diff, save_config, to_dict
+from morpheus_jax.config import Config, ConfigError, IncompatibleCheckpoint, from_dict, model_config_diff, save_config, to_dict
 from morpheus_jax.data import pipeline, records
 from morpheus_jax.data.prepare import PrepareOptions, RawCohort, prepare, summary
 from morpheus_jax.eval import metrics as met
@@ -225,7 +225,10 @@ def pretrain(cfg: Config, *, progress: bool = True) -> dict:
     root = ensure_dataset(cfg)
     manifest = records.load_manifest(root)
     layouts = layouts_from_manifest(manifest, cfg.model.modalities, cfg.model.group_buckets)
-    n_train = manifest["counts"].get("pretrain", 0)
+    if manifest.get("allow_missing_modalities") and not cfg.data.allow_missing_modalities:
+        raise ConfigError(f"{root} was prepared with --allow-missing-modalities (some patients lack "
+                                     "omics); set data.allow_missing_modalities=true to train on it")
+    n_train = len(pipeline.subset_indices(manifest["counts"].get("pretrain", 0), cfg.data.train_fraction))
     steps = st.total_steps(cfg, n_train)
     spe = pipeline.steps_per_epoch(n_train, cfg.train.global_batch_size)
 
@@ -251,7 +254,8 @@ def pretrain(cfg: Config, *, progress: bool = True) -> dict:
     ckpt = Checkpointer(checkpoint_dir(run_dir), every=cfg.checkpoint.every, keep=cfg.checkpoint.keep)
     ds = pipeline.train_dataset(root, "pretrain", global_batch=gbs, num_patches=cfg.data.num_patches,
                                 seed=cfg.seed, modalities=tuple(layouts), process_index=jax.process_index(),
-                                process_count=jax.process_count(), manifest=manifest)
+                                process_count=jax.process_count(), manifest=manifest,
+                                fraction=cfg.data.train_fraction)
     data_iter = pipeline.train_iterator(ds, cfg.data.worker_count, cfg.data.prefetch_buffer)
     start = 0
     latest = ckpt.latest_step()
