@@ -64,8 +64,10 @@ def cmd_inspect(args) -> int:
 
 def cmd_pretrain(args) -> int:
     from morpheus_jax.config import load_config
-    from morpheus_jax.train.loop import pretrain
     cfg = load_config(args.config, args.overrides)
+    from morpheus_jax import distributed
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    from morpheus_jax.train.loop import pretrain
     report = pretrain(cfg, progress=not args.no_progress)
     return 0 if report else 1
 
@@ -127,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted config overrides, e.g. train.steps=100 model.hidden_size=64")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("--coordinator", help="multi-process: address host:port of process 0 (TPU VMs and SLURM are "
+                                         "detected without it)")
+    s.add_argument("--num-processes", type=int, help="multi-process: number of processes in the job")
+    s.add_argument("--process-id", type=int, help="multi-process: this process's index, 0 … num-processes-1")
     s.set_defaults(fn=cmd_pretrain)
 
     from morpheus_jax.export.cli import register as register_export

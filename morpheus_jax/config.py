@@ -84,6 +84,9 @@ class TrainConfig:
     # "paper": the authors' per-epoch factor min(linear warm-up, 0.5(1+cos(pi e / period))).
     schedule: str = "cosine"
     warmup_steps: int = 100
+    # Cosine decay length (default: the run's steps). Set it to keep the schedule fixed
+    # when a run is extended by raising train.steps.
+    decay_steps: int | None = None
     end_lr_factor: float = 0.0
     warmup_epochs: int = 10
     cosine_period_epochs: int = 500
@@ -96,6 +99,8 @@ class TrainConfig:
 class CheckpointConfig:
     every: int = 500
     keep: int = 3
+    # Also keep this many checkpoints with the lowest val_loss (those saved at eval steps).
+    keep_best: int = 1
 
 
 def _default_rules() -> dict[str, list[str]]:

@@ -7,6 +7,7 @@ config's ``mesh.rules`` maps each logical name to mesh axes (``data``, ``fsdp``,
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
@@ -84,3 +85,62 @@ def host_to_global(batch, mesh: jax.sharding.Mesh, rules: dict[str, list[str]]):
         x = np.asarray(x)
         return jax.make_array_from_process_local_data(batch_sharding(mesh, rules, x.ndim), x)
     return jax.tree.map(put, batch)
+
+
+def global_from_full(batch, mesh: jax.sharding.Mesh, rules: dict[str, list[str]]):
+    """A batch every process holds in full → global arrays sharded on the batch axes."""
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, batch_sharding(mesh, rules, x.ndim), lambda idx: x[idx])
+    return jax.tree.map(put, batch)
+
+
+def state_shardings(abstract_state, param_shardings: dict[str, NamedSharding], param_shapes: dict[str, tuple],
+                    mesh: jax.sharding.Mesh):
+    """Shardings of a train state: each parameter and every optimizer leaf that mirrors it
+    (same name, same shape) by the rules; the rest (step, counts, RNG) replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def pick(path, leaf):
+        name = getattr(path[-1], "key", None) if path else None
+        if name in param_shardings and tuple(leaf.shape) == param_shapes[name]:
+            return param_shardings[name]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_state)
+
+
+# -- activations ---------------------------------------------------------------------------------
+# The model names the axes of its main activations; inside `activation_sharding(mesh, rules)`
+# (entered while tracing the train step) those names become sharding constraints, elsewhere
+# `constrain` does nothing, so the model runs unchanged on one device or in tests.
+
+_ACTIVE: list[tuple[jax.sharding.Mesh, dict]] = []
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: jax.sharding.Mesh, rules: dict[str, list[str]]):
+    _ACTIVE.append((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVE.pop()
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """``with_sharding_constraint`` by logical axis names, when rules are active."""
+    if not _ACTIVE:
+        return x
+    mesh, rules = _ACTIVE[-1]
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, x.shape, rules, mesh)))
+
+
+def describe(names: list[str], shapes: dict[str, tuple], shardings: dict[str, NamedSharding]) -> str:
+    """The table of parameter → shape → partition spec logged at start."""
+    width = max(len(n) for n in names)
+    lines = [f"{'parameter':<{width}}  {'shape':<20}  partition spec"]
+    for n in names:
+        spec = ", ".join("-" if a is None else (a if isinstance(a, str) else "+".join(a))
+                         for a in shardings[n].spec) or "replicated"
+        lines.append(f"{n:<{width}}  {str(list(shapes[n])):<20}  ({spec})")
+    return "\n".join(lines)

@@ -72,8 +72,8 @@ def save_checkpoint(run_dir, cfg, groups, features, params, step=7, optimizer=Tr
         return write_checkpoint(Path(run_dir) / "checkpoints", step, params, make_spec(cfg, groups, features))
     state = init_state({k: jnp.asarray(v) for k, v in params.items()}, optax.adamw(1e-3), 0)
     state["step"] = jnp.asarray(step, jnp.int32)
-    ckpt = Checkpointer(Path(run_dir) / "checkpoints", every=1, keep=2, async_save=False)
-    ckpt.save(step, state, None, make_spec(cfg, groups, features), force=True)
+    ckpt = Checkpointer(Path(run_dir) / "checkpoints", keep=2, async_save=False)
+    ckpt.save(step, state, None, make_spec(cfg, groups, features))
     ckpt.close()
     return Path(run_dir) / "checkpoints" / str(step)
 

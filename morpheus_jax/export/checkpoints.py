@@ -109,11 +109,11 @@ def write_checkpoint(out: str | os.PathLike, step: int, params: Mapping[str, np.
         if not overwrite:
             raise FileExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
         shutil.rmtree(out)
-    ckpt = Checkpointer(out, every=1, keep=1, async_save=False)
+    ckpt = Checkpointer(out, keep=1, async_save=False)
     try:
         state = {"step": np.asarray(step, np.int32),
                  "params": {k: np.asarray(v, np.float32) for k, v in params.items()}}
-        ckpt.save(step, state, None, dict(spec), force=True)
+        ckpt.save(step, state, None, dict(spec))
     finally:
         ckpt.close()
     return out.resolve() / str(step)

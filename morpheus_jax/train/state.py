@@ -67,10 +67,11 @@ def paper_schedule(lr: float, steps_per_epoch: int, warmup_epochs: int, period_e
 def make_schedule(tc: TrainConfig, total_steps: int, steps_per_epoch: int):
     if tc.schedule == "paper":
         return paper_schedule(tc.learning_rate, steps_per_epoch, tc.warmup_epochs, tc.cosine_period_epochs)
-    warmup = min(tc.warmup_steps, max(total_steps - 1, 0))
+    decay = tc.decay_steps or total_steps
+    warmup = min(tc.warmup_steps, max(decay - 1, 0))
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=tc.learning_rate, warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1), end_value=tc.learning_rate * tc.end_lr_factor)
+        decay_steps=max(decay, warmup + 1), end_value=tc.learning_rate * tc.end_lr_factor)
 
 
 def make_optimizer(tc: TrainConfig, schedule) -> optax.GradientTransformation:

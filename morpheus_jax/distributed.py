@@ -1,0 +1,43 @@
+"""Multi-process start-up (JAX's multi-controller runtime).
+
+One process per host (TPU VM worker, SLURM task, or a local process from
+``launch/local.sh``); every process runs the same program and JAX stitches their devices
+into one mesh. `initialize` must run before anything touches a device.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+
+def detect() -> str | None:
+    """The cluster environment JAX can initialise from by itself, if any."""
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
+        return "slurm"
+    if os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") >= 1 or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        return "tpu"
+    return None
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> bool:
+    """Join the job's processes. Explicit arguments win (all three are needed); otherwise
+    TPU VM slices and SLURM are auto-detected; otherwise single-process. Returns whether
+    ``jax.distributed`` was initialised. CPU-only jobs use gloo collectives."""
+    explicit = [coordinator, num_processes, process_id]
+    if any(v is not None for v in explicit) and not all(v is not None for v in explicit):
+        raise ValueError("--coordinator, --num-processes and --process-id go together")
+    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or os.environ.get("MORPHEUS_CPU_COLLECTIVES"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if coordinator is not None:
+        if num_processes <= 1:
+            return False
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id)
+        return True
+    if detect() is not None:
+        jax.distributed.initialize()
+        return True
+    return False
