@@ -118,6 +118,10 @@ def _default_rules() -> dict[str, list[str]]:
         "groups": ["tensor"],
         "group_in": [],
         "prototypes": [],
+        # activations
+        "act_embed": [],
+        "act_heads": ["tensor"],
+        "act_mlp": ["tensor"],
     }
 
 

@@ -8,8 +8,11 @@ import tempfile
 
 import jax
 
-# Runs in one session rebuild identical programs (fresh closures): share compiled code.
-jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "morpheus-jax-test-xla-cache"))
+# Runs in one session rebuild identical programs (fresh closures): share compiled code,
+# with the subprocesses the tests start too.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "morpheus-jax-test-xla-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 import numpy as np
@@ -61,3 +64,38 @@ def jit_model(model, **static):
         return m(wsi, mask, omics, plan, key=key, **static)
 
     return lambda wsi, mask, omics, plan=None, key=None: call(model, wsi, mask, omics, plan, key)
+
+
+TINY_DIM = 32
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """A prepared synthetic cohort (80 patients, 32-dim patches) shared by training tests."""
+    from morpheus_jax.data.prepare import PrepareOptions, RawCohort, prepare
+    from morpheus_jax.data.synth import write_synthetic_cohort
+
+    root = tmp_path_factory.mktemp("tiny_cohort")
+    write_synthetic_cohort(root / "raw", n_patients=80, seed=11, feature_dim=TINY_DIM, mean_patches_per_slide=60,
+                           progress=False)
+    prepare(RawCohort.from_dir(root / "raw"), root / "ds", PrepareOptions(wsi_dim=TINY_DIM, progress=False))
+    return root / "ds"
+
+
+TINY_OVERRIDES = [
+    "data.num_patches=48", f"model.wsi_dim={TINY_DIM}", "model.hidden_size=32", "model.num_prototypes=4",
+    "model.group_hidden=32", "model.encoder_heads=4", "model.decoder_heads=4", "model.encoder_mlp_dim=64",
+    "model.decoder_mlp_dim=64", "train.steps=30", "train.global_batch_size=8", "train.learning_rate=3e-3",
+    "train.warmup_steps=5", "train.log_every=1", "train.eval_every=0", "checkpoint.every=100",
+    "data.eval_bag_bucket=64", "mesh.data=1"]
+
+
+def tiny_overrides(dataset, run_dir, *extra) -> list[str]:
+    """Overrides of a small pretraining run on `tiny_dataset` (later ones win)."""
+    return [f"data.dir={dataset}", "data.raw_dir=null", f"run_dir={run_dir}", *TINY_OVERRIDES, *extra]
+
+
+def tiny_run_config(dataset, run_dir, *extra):
+    from morpheus_jax.config import load_config
+
+    return load_config(None, tiny_overrides(dataset, run_dir, *extra))

@@ -5,35 +5,21 @@ import json
 import numpy as np
 import pytest
 
-from morpheus_jax.config import load_config
+from conftest import TINY_DIM, tiny_run_config
 from morpheus_jax.data.prepare import PrepareOptions, RawCohort, prepare
 from morpheus_jax.data.synth import write_synthetic_cohort
 from morpheus_jax.eval.plots import read_jsonl
 from morpheus_jax.train.loop import pretrain
 
-DIM = 32
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    write_synthetic_cohort(root / "raw", n_patients=80, seed=11, feature_dim=DIM, mean_patches_per_slide=60,
-                           progress=False)
-    prepare(RawCohort.from_dir(root / "raw"), root / "ds", PrepareOptions(wsi_dim=DIM, progress=False))
-    return root / "ds"
+DIM = TINY_DIM
 
 
 def tiny(dataset, run_dir, *extra):
-    return load_config(None, [
-        f"data.dir={dataset}", "data.raw_dir=null", f"run_dir={run_dir}", "data.num_patches=48",
-        f"model.wsi_dim={DIM}", "model.hidden_size=32", "model.num_prototypes=4", "model.group_hidden=32",
-        "model.encoder_heads=4", "model.decoder_heads=4", "model.encoder_mlp_dim=64", "model.decoder_mlp_dim=64",
-        "train.steps=30", "train.global_batch_size=8", "train.learning_rate=3e-3", "train.warmup_steps=5",
-        "train.log_every=1", "train.eval_every=0", "checkpoint.every=100", "data.eval_bag_bucket=64", "mesh.data=1",
-        *extra])
+    return tiny_run_config(dataset, run_dir, *extra)
 
 
-def test_tiny_run_learns_and_is_deterministic(dataset, tmp_path):
+def test_tiny_run_learns_and_is_deterministic(tiny_dataset, tmp_path):
+    dataset = tiny_dataset
     report = pretrain(tiny(dataset, tmp_path / "a"), progress=False)
     rows = read_jsonl(tmp_path / "a" / "metrics.jsonl")
     losses = [r["loss"] for r in rows if "loss" in r]

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from morpheus_jax.sharding import constrain
+
 Array = jax.Array
 
 
@@ -128,7 +130,8 @@ class SelfAttention(nnx.Module):
     def __call__(self, x: Array, key_mask: Array | None = None, noise=(None, None)) -> Array:
         """x ``[B, L, D]``, key_mask ``[B, L]`` → ``[B, L, D]``."""
         b, l, d = x.shape
-        qkv = self.qkv(x).reshape(b, l, 3, self.heads, d // self.heads)
+        qkv = constrain(self.qkv(x).reshape(b, l, 3, self.heads, d // self.heads),
+                        ("batch", None, None, "act_heads", None))
         out = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], key_mask, self.dropout_rate, noise[0])
         return dropout(self.out_proj(out.reshape(b, l, d)), self.dropout_rate, noise[1])
 
@@ -171,7 +174,8 @@ class MLP(nnx.Module):
         return [(b, l, self.linear1.kernel.shape[1]), (b, l, d)]
 
     def __call__(self, x: Array, noise=(None, None)) -> Array:
-        h = dropout(jax.nn.gelu(self.linear1(x), approximate=False), self.dropout_rate, noise[0])
+        h = constrain(jax.nn.gelu(self.linear1(x), approximate=False), ("batch", None, "act_mlp"))
+        h = dropout(h, self.dropout_rate, noise[0])
         return dropout(self.linear2(h), self.dropout_rate, noise[1])
 
 
@@ -186,6 +190,7 @@ class EncoderBlock(nnx.Module):
 
     def __call__(self, x: Array, key_mask: Array | None = None, key=None) -> Array:
         b, l, d = x.shape
+        x = constrain(x, ("batch", None, "act_embed"))
         noise = block_noise(key, self.attn.dropout_rate,
                             self.attn.noise_shapes(b, l, l, d) + self.mlp.noise_shapes(b, l, d))
         x = x + self.attn(self.norm1(x), key_mask, noise[0:2])
@@ -205,6 +210,7 @@ class DecoderBlock(nnx.Module):
 
     def __call__(self, x: Array, context: Array, context_mask: Array | None, key=None) -> Array:
         b, l, d = x.shape
+        x = constrain(x, ("batch", None, "act_embed"))
         shapes = (self.attn.noise_shapes(b, l, l, d) + self.cross_attn.noise_shapes(b, l, context.shape[1], d)
                   + self.mlp.noise_shapes(b, l, d))
         noise = block_noise(key, self.attn.dropout_rate, shapes)

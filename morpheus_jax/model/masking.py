@@ -29,24 +29,27 @@ def num_kept(num_tokens: int, ratio: float) -> int:
     return int(num_tokens * (1.0 - ratio))
 
 
-def _split_counts(key, group_counts: tuple[int, ...], k: int, available: Array) -> Array:
-    """Per-modality kept counts for one sample ``[M]``: Dirichlet(1,…,1) shares of k, rounded,
-    capped by group counts, then the excess/deficit settled one unit at a time at random."""
+def _split_counts(u_share: Array, u_settle: Array, group_counts: tuple[int, ...], k: int,
+                  available: Array) -> Array:
+    """Per-modality kept counts for one sample ``[M]``: Dirichlet(1,…,1) shares of k
+    (normalised Exp(1) draws), rounded, capped by group counts, then the excess or
+    deficit settled one unit at a time on a uniformly chosen eligible modality.
+
+    u_share ``[M]`` and u_settle ``[k + M, M]`` are uniform [0, 1) noise.
+    """
     m = len(group_counts)
-    k_dir, k_fix = jax.random.split(key)
     caps = jnp.where(available, jnp.asarray(group_counts), 0)
-    gam = jax.random.gamma(k_dir, 1.0, (m,)) * available
-    share = gam / jnp.maximum(gam.sum(), 1e-30)
+    expo = -jnp.log1p(-u_share) * available
+    share = expo / jnp.maximum(expo.sum(), 1e-30)
     counts = jnp.clip(jnp.round(share * k).astype(jnp.int32), 0, caps)
     target = jnp.minimum(k, caps.sum())
+    gumbel = -jnp.log(-jnp.log(jnp.clip(u_settle, 1e-12, 1.0 - 1e-7)))
 
     def settle(i, n):
         diff = target - n.sum()
         eligible = jnp.where(diff > 0, n < caps, n > 0)
-        noise = jax.random.gumbel(jax.random.fold_in(k_fix, i), (m,))
-        pick = jnp.argmax(jnp.where(eligible, noise, -jnp.inf))
-        step = jnp.sign(diff) * (jnp.arange(m) == pick)
-        return n + step.astype(jnp.int32)
+        pick = jnp.argmax(jnp.where(eligible, gumbel[i], -jnp.inf))
+        return n + (jnp.sign(diff) * (jnp.arange(m) == pick)).astype(jnp.int32)
 
     return jax.lax.fori_loop(0, k + m, settle, counts)
 
@@ -58,27 +61,29 @@ def random_keep(key, group_counts: tuple[int, ...], ratio: float, batch_size: in
     group_counts: groups per modality present (static). available ``[B, M]`` bool: modalities
     a sample has (missing ones are always masked); default all. Exactly
     ``k = num_kept(T, ratio)`` tokens are kept per sample (fewer only if a sample has fewer
-    available tokens). Returns a plan with ``K = k``.
+    available tokens). Returns a plan with ``K = k``. All randomness comes from one
+    uniform draw (each PRNG call costs XLA compile time).
     """
-    t = sum(group_counts)
+    t, m = sum(group_counts), len(group_counts)
     k = num_kept(t, ratio)
     if available is None:
-        available = jnp.ones((batch_size, len(group_counts)), bool)
-    offsets = [sum(group_counts[:i]) for i in range(len(group_counts))]
+        available = jnp.ones((batch_size, m), bool)
+    offsets = [sum(group_counts[:i]) for i in range(m)]
+    sizes = [m, (k + m) * m, t]
+    u = jax.random.uniform(key, (batch_size, sum(sizes)))
 
-    def one(key, avail):
-        k_split, k_pick = jax.random.split(key)
-        counts = _split_counts(k_split, group_counts, k, avail)
-        u = jax.random.uniform(k_pick, (t,))
+    def one(u, avail):
+        u_share, u_settle, u_pick = u[:m], u[m: m + (k + m) * m].reshape(k + m, m), u[m + (k + m) * m:]
+        counts = _split_counts(u_share, u_settle, group_counts, k, avail)
         kept = []
         for mi, (off, g) in enumerate(zip(offsets, group_counts)):
-            rank = jnp.argsort(jnp.argsort(u[off: off + g]))
+            rank = jnp.argsort(jnp.argsort(u_pick[off: off + g]))
             kept.append(rank < counts[mi])
         kept = jnp.concatenate(kept)
         keep_idx = jnp.argsort(~kept, stable=True)[:k].astype(jnp.int32)
         return (~kept).astype(jnp.int32), keep_idx, jnp.arange(k) < counts.sum()
 
-    mask, keep_idx, valid = jax.vmap(one)(jax.random.split(key, batch_size), available)
+    mask, keep_idx, valid = jax.vmap(one)(u, available)
     return KeepPlan(mask, keep_idx, valid)
 
 

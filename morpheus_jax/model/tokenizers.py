@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from morpheus_jax.model.layers import Dense, LayerNorm, normal_init, torch_linear_init
+from morpheus_jax.sharding import constrain
 
 Array = jax.Array
 
@@ -184,7 +185,7 @@ class WSITokenizer(nnx.Module):
     def __call__(self, x: Array, mask: Array | None = None) -> Array:
         """x ``[B, N, D]`` patch features, mask ``[B, N]`` (True = real patch) → ``[B, P, H]``."""
         dt = self.dtype
-        kv = self.kv_norm(x)                                   # [B, N, D]
+        kv = self.kv_norm(constrain(x, ("batch", None, None)))  # [B, N, D]
         q = self.q_norm(self.prototypes[...])                  # [P, H]
         hidden = q.shape[-1]
         qk = jnp.dot(q, self.k_proj.kernel[...].astype(dt).T)  # [P, D]

@@ -194,6 +194,7 @@ def pretrain(cfg: Config, *, progress: bool = True) -> dict:
         loss_plot(metrics_path, run_dir / "plots" / "loss.png")
     if stopped_by:
         log(f"{stopped_by}: saved checkpoint at step {step} in {ckpt.directory}; rerun the same command to resume")
+        _all_done()
         return {"step": step, "stopped_by": stopped_by}
 
     report = {"step": step, **(last_val if last_val.get("step") == step else evaluator.loss(state["params"]))}
@@ -214,4 +215,13 @@ def pretrain(cfg: Config, *, progress: bool = True) -> dict:
         log(f"WSI-only {r['target']} reconstruction on {r['patients']} validation patients: "
             f"median per-feature Pearson r {r['median_r']:.3f} (training-mean baseline {r['baseline_median_r']:.3f}); "
             f"MAE {r['mae']:.4f} (baseline {r['baseline_mae']:.4f})")
+    _all_done()
     return report
+
+
+def _all_done() -> None:
+    """Processes leave together: one exiting while another still works would look like a
+    failed task to the coordination service."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("morpheus:pretrain finished")

@@ -1,0 +1,180 @@
+"""Scale-out on CPU: meshes, two processes, exact resume, restore onto other meshes,
+damaged checkpoints, launch scripts."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_overrides, tiny_run_config
+from morpheus_jax.config import IncompatibleCheckpoint
+from morpheus_jax.eval.plots import read_jsonl
+from morpheus_jax.train.checkpoint import Checkpointer, checkpoint_dir, restore_params
+from morpheus_jax.train.loop import pretrain
+from morpheus_jax.train.setup import build_run
+
+ROOT = Path(__file__).resolve().parent.parent
+MESHES = {"1dev": ["mesh.data=1"], "data8": ["mesh.data=8"], "data2_fsdp4": ["mesh.data=2", "mesh.fsdp=4"],
+          "data2_fsdp2_tensor2": ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]}
+STEPS = ["train.steps=10", "model.encoder_dropout=0.1"]
+
+
+def _losses(run_dir):
+    return {r["step"]: r["loss"] for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def mesh_runs(tiny_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("meshes")
+    for name, overrides in MESHES.items():
+        pretrain(tiny_run_config(tiny_dataset, out / name, *STEPS, *overrides), progress=False)
+    return {name: _losses(out / name) for name in MESHES}
+
+
+@pytest.mark.parametrize("name", [n for n in MESHES if n != "1dev"])
+def test_meshes_give_single_device_losses(mesh_runs, name):
+    ref, got = mesh_runs["1dev"], mesh_runs[name]
+    assert sorted(got) == list(range(1, 11))
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-5), (name, step)
+
+
+def test_param_sharding_follows_rules(tiny_dataset, tmp_path):
+    run = build_run(tiny_run_config(tiny_dataset, tmp_path, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"))
+    spec = {n: run.param_shardings[n].spec for n in run.codec.names}
+    assert tuple(spec["encoder_blocks.0.mlp.linear1.kernel"]) == ("fsdp", "tensor")
+    assert tuple(spec["encoder_blocks.0.attn.qkv.kernel"]) == ("fsdp", "tensor")
+    assert tuple(spec["omics_decoders.rna.reverse_tokenizer.w1"])[0] == "tensor"
+    state = run.init_state()
+    shards = state["params"]["encoder_blocks.0.mlp.linear1.kernel"].addressable_shards
+    assert {tuple(s.data.shape) for s in shards} == {(16, 32)}  # [32, 64] split 2 x 2
+    # Optimizer moments follow their parameters.
+    mu = state["opt_state"][0].mu["encoder_blocks.0.mlp.linear1.kernel"]
+    assert mu.sharding == state["params"]["encoder_blocks.0.mlp.linear1.kernel"].sharding
+
+
+def test_two_processes_match_one_process(mesh_runs, tiny_dataset, tmp_path):
+    args = tiny_overrides(tiny_dataset, tmp_path / "mp", *STEPS, "mesh.data=8")
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(ROOT / "launch" / "local.sh"), "-n", "2", "-d", "4", "-l", str(tmp_path),
+                           "--", "--no-progress", *args], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:] + (tmp_path / "process_1.log").read_text()[-2000:]
+    got, ref = _losses(tmp_path / "mp"), mesh_runs["data8"]
+    assert sorted(got) == sorted(ref)
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-5), step
+
+
+RESUME = ["train.steps=40", "train.decay_steps=40", "checkpoint.every=5", "model.encoder_dropout=0.1"]
+
+
+def test_exact_resume_after_sigterm_and_after_raising_steps(tiny_dataset, tmp_path):
+    pretrain(tiny_run_config(tiny_dataset, tmp_path / "straight", *RESUME), progress=False)
+    straight = _losses(tmp_path / "straight")
+    # Interrupted: SIGTERM once step 20 is logged; the process saves and exits 0.
+    run = tmp_path / "killed"
+    args = tiny_overrides(tiny_dataset, run, *RESUME)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    proc = subprocess.Popen([sys.executable, "-m", "morpheus_jax.cli", "pretrain", "--no-progress", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None:
+        if max(_losses(run) if (run / "metrics.jsonl").exists() else {0: 0}) >= 20:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "SIGTERM: saved checkpoint at step" in out
+    stopped = max(_losses(run))
+    assert 20 <= stopped < 40 and (checkpoint_dir(run) / str(stopped)).is_dir()
+    pretrain(tiny_run_config(tiny_dataset, run, *RESUME), progress=False)
+    resumed = _losses(run)
+    assert sorted(resumed) == list(range(1, 41))
+    for step in range(stopped + 1, 41):
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-6), step
+    # A finished 20-step run extended to 40 steps (same decay_steps) continues the same way.
+    short = [r for r in RESUME if not r.startswith("train.steps")] + ["train.steps=20"]
+    pretrain(tiny_run_config(tiny_dataset, tmp_path / "extended", *short), progress=False)
+    pretrain(tiny_run_config(tiny_dataset, tmp_path / "extended", *RESUME), progress=False)
+    extended = _losses(tmp_path / "extended")
+    for step in range(1, 41):
+        assert extended[step] == pytest.approx(straight[step], rel=1e-6), step
+
+
+def test_restore_onto_other_meshes_and_continue(tiny_dataset, tmp_path):
+    run_dir = tmp_path / "r"
+    first = ["train.steps=4", "train.decay_steps=10", "mesh.data=4", "mesh.fsdp=2"]
+    pretrain(tiny_run_config(tiny_dataset, run_dir, *first), progress=False)
+    saved = restore_params(checkpoint_dir(run_dir) / "4")
+    for mesh in (["mesh.data=8"], ["mesh.data=1"]):
+        run = build_run(tiny_run_config(tiny_dataset, run_dir, "train.steps=6", "train.decay_steps=10", *mesh))
+        ckpt = Checkpointer(checkpoint_dir(run_dir), keep=3)
+        step, state, _ = ckpt.restore_latest(run.abstract_state())
+        ckpt.close()
+        assert step == 4
+        for name, value in saved.items():
+            got = state["params"][name]
+            assert got.sharding == run.state_shardings["params"][name]
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(value))
+    pretrain(tiny_run_config(tiny_dataset, run_dir, "train.steps=6", "train.decay_steps=10", "mesh.data=8"),
+             progress=False)
+    losses = _losses(run_dir)
+    assert sorted(losses) == list(range(1, 7)) and all(np.isfinite(list(losses.values())))
+
+
+def test_damaged_latest_checkpoint_is_skipped_and_incompatible_config_refused(tiny_dataset, tmp_path, capsys):
+    run_dir = tmp_path / "r"
+    pretrain(tiny_run_config(tiny_dataset, run_dir, "train.steps=6", "checkpoint.every=3", "checkpoint.keep=3"),
+             progress=False)
+    ckdir = checkpoint_dir(run_dir)
+    assert sorted(int(p.name) for p in ckdir.iterdir() if p.name.isdigit()) == [3, 6]
+    # Step 6 damaged (its array data gone, as after a crash mid-write on a filesystem without
+    # atomic renames); a save killed mid-way (Orbax's temporary folder) is also present.
+    shutil.rmtree(ckdir / "6" / "state" / "d", ignore_errors=True)
+    for p in (ckdir / "6" / "state").glob("ocdbt.process_*"):
+        shutil.rmtree(p, ignore_errors=True)
+    (ckdir / "9.orbax-checkpoint-tmp-1234").mkdir()
+    run = build_run(tiny_run_config(tiny_dataset, run_dir, "train.steps=6"))
+    ckpt = Checkpointer(ckdir, keep=3)
+    step, state, _ = ckpt.restore_latest(run.abstract_state())
+    ckpt.close()
+    assert step == 3 and int(state["step"]) == 3
+    out = capsys.readouterr().out
+    assert "incomplete or corrupted" in out and f"{ckdir / '6'}" in out
+    with pytest.raises(IncompatibleCheckpoint, match=r"model.hidden_size: 32 != 48"):
+        pretrain(tiny_run_config(tiny_dataset, run_dir, "train.steps=8", "model.hidden_size=48"), progress=False)
+
+
+def test_launch_scripts_dry_run():
+    tpu = subprocess.run(["bash", str(ROOT / "launch" / "tpu_vm.sh"), "--name", "m1", "--zone", "us-west4-a",
+                          "--accelerator", "v5litepod-32", "--spot", "--dry-run", "--", "--config", "paper",
+                          "run_dir=gs://bucket/run"], capture_output=True, text=True)
+    assert tpu.returncode == 0, tpu.stderr
+    lines = tpu.stdout.strip().splitlines()
+    assert lines[0].startswith("gcloud compute tpus tpu-vm create m1 --zone us-west4-a --accelerator-type v5litepod-32")
+    assert "--spot" in lines[0]
+    assert all("--worker=all" in line for line in lines[1:])
+    assert "morpheus\\ pretrain\\ --no-progress\\ --config\\ paper\\ run_dir=gs://bucket/run" in lines[-1]
+    slurm = subprocess.run(["bash", str(ROOT / "launch" / "slurm_gpu.sbatch"), "--dry-run", "train.steps=10"],
+                           capture_output=True, text=True, env={**os.environ, "SLURM_JOB_NUM_NODES": "2"})
+    assert slurm.returncode == 0, slurm.stderr
+    assert slurm.stdout.startswith("srun --kill-on-bad-exit=1 --nodes=2 --ntasks-per-node=1 bash -c ")
+    assert "morpheus_jax.cli\\ pretrain\\ --no-progress\\ train.steps=10" in slurm.stdout
+    local = subprocess.run(["bash", str(ROOT / "launch" / "local.sh"), "-n", "3", "-d", "2", "-p", "5555", "--dry-run",
+                            "--", "train.steps=5"], capture_output=True, text=True)
+    assert local.returncode == 0
+    assert [line.split("--process-id ")[1] for line in local.stdout.strip().splitlines()] == [
+        "0 train.steps=5", "1 train.steps=5", "2 train.steps=5"]
+    for script in ("local.sh", "tpu_vm.sh", "slurm_gpu.sbatch"):
+        help_ = subprocess.run(["bash", str(ROOT / "launch" / script), "--help"], capture_output=True, text=True)
+        assert help_.returncode == 0 and "usage:" in help_.stdout
+    assert jax.device_count() == 8
