@@ -136,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_pretrain)
 
     from morpheus_jax.export.cli import register as register_export
+    from morpheus_jax.scaling.cli import register as register_scaling
     register_export(sub)
+    register_scaling(sub)
     return p
 
 

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from morpheus_jax import sharding as shd
 from morpheus_jax.config import Config, IncompatibleCheckpoint, from_dict, model_config_diff, save_config
 from morpheus_jax.data import pipeline
+from morpheus_jax.data.records import write_json_atomic
 from morpheus_jax.eval.plots import loss_plot, read_jsonl
 from morpheus_jax.eval.validation import Evaluator, reconstruction_report
 from morpheus_jax.train.checkpoint import Checkpointer, checkpoint_dir, read_spec
@@ -127,6 +128,11 @@ def pretrain(cfg: Config, *, progress: bool = True) -> dict:
     else:
         log(f"parameter shapes and partition specs: {run_dir / 'parameters.txt'}")
     train_step = run.compile_step()
+    from morpheus_jax.scaling import flops as scaling_flops
+    flops_info = scaling_flops.step_flops(cfg.model, run.layouts, gbs, cfg.data.num_patches, cfg.masking.ratio)
+    param_info = scaling_flops.param_counts(cfg.model, run.layouts)
+    device_kind = jax.devices()[0].device_kind
+    log(scaling_flops.summary(flops_info, param_info))
 
     metrics_path = run_dir / "metrics.jsonl"
     if start == 0 and metrics_path.exists():
@@ -171,6 +177,8 @@ def pretrain(cfg: Config, *, progress: bool = True) -> dict:
                 elapsed = time.perf_counter() - t_window
                 row = {"step": step, **{k: float(v) for k, v in values.items()},
                        "samples_per_s": len(pending) * gbs / max(elapsed, 1e-9)}
+                row.update(scaling_flops.throughput(flops_info, row["samples_per_s"], jax.device_count(),
+                                                    device_kind, cfg.model.compute_dtype))
                 if is_eval:
                     last_val = {"step": step, **evaluator.loss(state["params"])}
                     row.update(last_val)
@@ -202,9 +210,12 @@ def pretrain(cfg: Config, *, progress: bool = True) -> dict:
     target = "rna" if "rna" in run.layouts else next(iter(run.layouts))
     if evaluator.records:
         report["reconstruction"] = reconstruction_report(evaluator, state["params"], run.root, run.manifest, target)
+    report["params"] = {k: v for k, v in param_info.items() if k != "components"}
+    report["flops"] = {k: flops_info[k] for k in ("useful", "executed", "per_sample", "batch", "num_patches",
+                                                  "encoder_tokens")}
+    report["samples"] = step * gbs
     if jax.process_index() == 0:
-        with open(run_dir / "final.json", "w") as f:
-            json.dump(report, f, indent=1)
+        write_json_atomic(run_dir / "final.json", report)
     rows = read_jsonl(metrics_path)
     first_val = next((r["val_loss"] for r in rows if "val_loss" in r), None)
     if "val_loss" in report:

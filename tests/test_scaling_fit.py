@@ -1,0 +1,112 @@
+"""The scaling-law fit: recovery of a known law, bootstrap intervals, the compute-optimal
+frontier against its closed form, and `morpheus scaling fit` on a table."""
+
+import argparse
+import csv
+import json
+
+import numpy as np
+import pytest
+from scipy import optimize
+
+from morpheus_jax.scaling import fit as ft
+from morpheus_jax.scaling.cli import register
+
+TRUTH = ft.Law(E=0.6, A=30.0, B=60.0, alpha=0.35, beta=0.30)
+
+
+def sample_law(seed, n=8, noise=0.01):
+    """An n×n ladder over N, D in [1e5, 1e9], losses with 1 % multiplicative noise."""
+    rng = np.random.default_rng(seed)
+    big_n, big_d = (x.ravel() for x in np.meshgrid(np.logspace(5, 9, n), np.logspace(5, 9, n)))
+    return big_n, big_d, TRUTH.loss(big_n, big_d) * np.exp(rng.normal(0.0, noise, big_n.shape))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fit_recovers_exponents(seed):
+    n, d, loss = sample_law(seed)
+    with ft.single_threaded_blas():
+        law, _ = ft.fit_law(n, d, loss)
+    assert law.alpha == pytest.approx(TRUTH.alpha, rel=0.05)
+    assert law.beta == pytest.approx(TRUTH.beta, rel=0.05)
+    assert law.E == pytest.approx(TRUTH.E, rel=0.05)
+
+
+def test_exact_data_is_fitted_exactly():
+    n, d, _ = sample_law(0, n=6)
+    with ft.single_threaded_blas():
+        law, objective = ft.fit_law(n, d, TRUTH.loss(n, d))
+    for k, v in TRUTH.as_dict().items():
+        assert getattr(law, k) == pytest.approx(v, rel=1e-3), k
+    assert objective < 1e-6
+
+
+def test_table_fit_has_intervals_around_the_fit():
+    n, d, loss = sample_law(3)
+    rows = [{"params": a, "samples": b, "loss": c} for a, b, c in zip(n, d, loss)]
+    report, boot = ft.fit_table(rows, n_boot=12, seed=0)
+    assert len(boot) == 12 and report["bootstrap_samples"] == 12
+    for k in ("E", "A", "B", "alpha", "beta"):
+        lo, hi = report["intervals"][k]
+        assert lo <= hi and lo <= report[k] * 1.05 and hi >= report[k] * 0.95, k
+    assert report["compute_relation"] == {"form": "C = k * N^gamma * D", "k": 6.0, "gamma": 1.0, "source": "6ND"}
+    assert all(r["params_ci"][0] <= r["params_ci"][1] for r in report["frontier"])
+
+
+def test_compute_optimal_matches_closed_form():
+    law = TRUTH
+    budgets = np.logspace(15, 24, 10)
+    n_opt, d_opt = ft.optimal_allocation(law, budgets, ft.ComputeRelation(6.0, 1.0))
+    a, b = law.alpha, law.beta
+    g = (a * law.A / (b * law.B)) ** (1 / (a + b))
+    np.testing.assert_allclose(n_opt, g * (budgets / 6) ** (b / (a + b)), rtol=1e-12)
+    np.testing.assert_allclose(d_opt, (budgets / 6) ** (a / (a + b)) / g, rtol=1e-12)
+    np.testing.assert_allclose(6 * n_opt * d_opt, budgets, rtol=1e-12)
+    # And it is the minimum of L along C = k N^γ D, for C = 6ND and for a measured-style relation.
+    for rel in (ft.ComputeRelation(6.0, 1.0), ft.ComputeRelation(40.0, 0.7)):
+        for c in (1e16, 1e20):
+            res = optimize.minimize_scalar(lambda x: law.loss(np.exp(x), c / (rel.k * np.exp(x) ** rel.gamma)),
+                                           bounds=(0, 60), method="bounded", options={"xatol": 1e-10})
+            assert np.exp(res.x) == pytest.approx(ft.optimal_allocation(law, c, rel)[0], rel=1e-4)
+
+
+def test_measured_relation():
+    n = np.array([1e5, 3e5, 1e6, 3e6])
+    rel = ft.measured_relation(n, 3.0 * n ** 0.8)
+    assert rel.k == pytest.approx(3.0) and rel.gamma == pytest.approx(0.8)
+    one = ft.measured_relation([1e6, 1e6], [5e7, 5e7])
+    assert one.gamma == 1.0 and one.k == pytest.approx(50.0)
+
+
+def _cli(argv):
+    p = argparse.ArgumentParser()
+    register(p.add_subparsers(dest="command"))
+    args = p.parse_args(argv)
+    return args.fn(args)
+
+
+def test_fit_command_on_a_table(tmp_path, capsys):
+    n, d, loss = sample_law(4, n=5)
+    table = tmp_path / "runs.csv"
+    with open(table, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["params", "samples", "loss", "flops"])
+        for row in zip(n, d, loss, 20.0 * n ** 0.9 * d):
+            w.writerow(row)
+    out = tmp_path / "fit"
+    assert _cli(["scaling", "fit", "--table", str(table), "--out", str(out), "--bootstrap", "8"]) == 0
+    fit = json.loads((out / "fit.json").read_text())
+    assert {"E", "A", "B", "alpha", "beta", "intervals", "frontier", "compute_relation"} <= set(fit)
+    assert set(fit["intervals"]) == {"E", "A", "B", "alpha", "beta"}
+    assert fit["compute_relation"]["gamma"] == pytest.approx(0.9)    # measured from the flops column
+    assert (out / "table.csv").read_text().startswith("params,samples,loss")
+    for png in ("loss_vs_compute.png", "optimal_allocation.png"):
+        assert (out / png).stat().st_size > 10_000
+    assert "alpha" in capsys.readouterr().out
+    # Errors: both sources, no source, a table without the columns.
+    assert _cli(["scaling", "fit", str(tmp_path), "--table", str(table), "--out", str(out)]) == 2
+    assert _cli(["scaling", "fit", "--out", str(out)]) == 2
+    bad = tmp_path / "bad.csv"
+    bad.write_text("params,loss\n1,2\n")
+    assert _cli(["scaling", "fit", "--table", str(bad), "--out", str(out)]) == 2
+    assert "samples" in capsys.readouterr().err
