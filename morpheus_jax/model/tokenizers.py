@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from morpheus_jax.model.layers import Dense, LayerNorm, normal_init, torch_linear_init
+from morpheus_jax.model.wsi_pool import attention_pool
 from morpheus_jax.sharding import constrain
 
 Array = jax.Array
@@ -167,7 +168,8 @@ class WSITokenizer(nnx.Module):
     Computes ``LN(softmax(LN(proto) K^T / sqrt(H)) V Wo + bo)`` with ``K, V = LN(x) Wk/v + b``
     without projecting patches: scores use ``(q Wk^T)`` against the normalised patches and the
     pooled patches are projected once, ``(A kv) Wv + bv`` (rows of A sum to 1; ``q·bk`` is
-    constant per row). About H/P times fewer FLOPs than the literal form, same function.
+    constant per row). About H/P times fewer FLOPs than the literal form, same function;
+    `attention_pool` also avoids materialising the normalised patches.
     """
 
     def __init__(self, wsi_dim: int, hidden: int, num_prototypes: int, *, eps: float,
@@ -184,20 +186,12 @@ class WSITokenizer(nnx.Module):
 
     def __call__(self, x: Array, mask: Array | None = None) -> Array:
         """x ``[B, N, D]`` patch features, mask ``[B, N]`` (True = real patch) → ``[B, P, H]``."""
-        dt = self.dtype
-        kv = self.kv_norm(constrain(x, ("batch", None, None)))  # [B, N, D]
-        q = self.q_norm(self.prototypes[...])                  # [P, H]
-        hidden = q.shape[-1]
-        qk = jnp.dot(q, self.k_proj.kernel[...].astype(dt).T)  # [P, D]
-        scores = jnp.einsum("bnd,pd->bpn", kv, qk.astype(dt),
-                            preferred_element_type=jnp.float32) * hidden ** -0.5
-        if mask is not None:
-            # Finite floor: a bag with no real patch (batch padding) stays finite.
-            scores = jnp.where(mask[:, None, :], scores, jnp.finfo(jnp.float32).min)
-        attn = jax.nn.softmax(scores, axis=-1).astype(dt)      # [B, P, N]
-        pooled = jnp.einsum("bpn,bnd->bpd", attn, kv, preferred_element_type=jnp.float32)
-        v = self.v_proj(pooled)                                # [B, P, H]
-        return self.out_norm(self.output_proj(v))
+        q = self.q_norm(self.prototypes[...])                            # [P, H]
+        qk = jnp.dot(q.astype(jnp.float32), self.k_proj.kernel[...].T)   # [P, D]
+        pooled = attention_pool(constrain(x, ("batch", None, None)), mask, self.kv_norm.weight[...],
+                                self.kv_norm.bias[...], qk, q.shape[-1] ** -0.5, self.kv_norm.eps,
+                                self.dtype)                              # A · LN(x), [B, P, D]
+        return self.out_norm(self.output_proj(self.v_proj(pooled)))
 
 
 class GroupTokenizer(nnx.Module):
