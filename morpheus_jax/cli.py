@@ -135,8 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--process-id", type=int, help="multi-process: this process's index, 0 … num-processes-1")
     s.set_defaults(fn=cmd_pretrain)
 
+    from morpheus_jax.eval.cli import register as register_downstream
     from morpheus_jax.export.cli import register as register_export
     from morpheus_jax.scaling.cli import register as register_scaling
+    register_downstream(sub)
     register_export(sub)
     register_scaling(sub)
     return p

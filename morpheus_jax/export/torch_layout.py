@@ -207,13 +207,17 @@ def to_torch(flat: Mapping[str, np.ndarray], layouts: Mapping[str, GroupLayout],
                 out[f"{p}.0.0.bias"] = b1[g]
                 out[f"{p}.1.weight"] = take(f"{rev}.w2.{b}")[s, :, :size].T
                 out[f"{p}.1.bias"] = take(f"{rev}.b2.{b}")[s, :size]
+    n_outputs = None
+    if "final_layer.kernel" in flat:  # a fine-tuned encoder's head: Sequential(Dropout, Linear)
+        out["final_layer.1.weight"], out["final_layer.1.bias"] = take("final_layer.kernel").T, take("final_layer.bias")
+        n_outputs = out["final_layer.1.bias"].shape[0]
     dropped = tuple(f"omics_tokenizers.{m}." for m in layouts if m not in modalities) \
         + (("omics_decoders.",) if encoder_only else tuple(f"omics_decoders.{m}." for m in layouts
                                                             if m not in modalities))
     left = sorted(n for n in set(flat) - used if not n.startswith(dropped))
     if left:
         raise LayoutError(f"parameters with no place in the PyTorch layout: {left[:5]}")
-    schema = torch_schema(cfg, group_sizes(layouts, modalities), decoders=decoders)
+    schema = torch_schema(cfg, group_sizes(layouts, modalities), decoders=decoders, n_outputs=n_outputs)
     _check_against(out, schema, "export")
     return {k: np.ascontiguousarray(out[k]) for k in schema}
 
@@ -241,9 +245,13 @@ def from_torch(sd: Mapping[str, np.ndarray], layouts: Mapping[str, GroupLayout],
     if decoders is None:
         decoders = any(k.startswith("omics_decoders.") for k in sd)
     modalities = list(layouts)
-    _check_against(sd, torch_schema(cfg, group_sizes(layouts), decoders=decoders), "import")
+    n_outputs = sd["final_layer.1.bias"].shape[0] if "final_layer.1.bias" in sd else None
+    _check_against(sd, torch_schema(cfg, group_sizes(layouts), decoders=decoders, n_outputs=n_outputs), "import")
     h, gh = cfg.hidden_size, cfg.group_hidden
     flat: dict[str, np.ndarray] = {}
+    if n_outputs:
+        flat["final_layer.kernel"] = np.ascontiguousarray(sd["final_layer.1.weight"].T)
+        flat["final_layer.bias"] = sd["final_layer.1.bias"]
     for key, name, transpose in _plain_pairs(cfg, modalities, decoders):
         flat[name] = np.ascontiguousarray(sd[key].T if transpose else sd[key])
     for m in modalities:
