@@ -7,11 +7,13 @@ import sys
 from pathlib import Path
 
 
-def _pairs(values: list[str] | None, flag: str) -> dict[str, Path]:
+def modality_paths(values: list[str] | None, flag: str) -> dict[str, Path]:
+    """``["rna=a.csv", …]`` → ``{"rna": Path("a.csv"), …}`` (shared by the subcommands)."""
+    from morpheus_jax.config import ConfigError
     out = {}
     for item in values or []:
         if "=" not in item:
-            raise SystemExit(f"morpheus: error: {flag} expects MODALITY=PATH, got {item!r}")
+            raise ConfigError(f"{flag} expects MODALITY=PATH, got {item!r}")
         k, v = item.split("=", 1)
         out[k.strip()] = Path(v)
     return out
@@ -36,8 +38,8 @@ def cmd_prepare(args) -> int:
         missing = [k for k, v in needed.items() if not v]
         if missing:
             raise SystemExit(f"morpheus prepare: error: give --raw DIR or all of {', '.join(missing)}")
-        cohort = RawCohort(Path(args.metadata), Path(args.features_dir), _pairs(args.omics, "--omics"),
-                           _pairs(args.mapping, "--mapping"))
+        cohort = RawCohort(Path(args.metadata), Path(args.features_dir), modality_paths(args.omics, "--omics"),
+                           modality_paths(args.mapping, "--mapping"))
     opts = PrepareOptions(records_per_shard=args.records_per_shard, patch_dtype=args.patch_dtype, workers=args.workers,
                           chunk_rows=args.chunk_rows, wsi_dim=args.wsi_dim, seed=args.seed, strict=args.strict,
                           allow_missing_modalities=args.allow_missing_modalities, overwrite=args.overwrite)

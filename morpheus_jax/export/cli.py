@@ -6,17 +6,8 @@ The main parser adds them with ``register(subparsers)``.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-
-def _mapping_pairs(values: list[str] | None) -> dict[str, Path]:
-    out = {}
-    for item in values or []:
-        if "=" not in item:
-            raise ValueError(f"--mapping expects MODALITY=JSON, got {item!r}")
-        k, v = item.split("=", 1)
-        out[k.strip()] = Path(v)
-    return out
+from morpheus_jax.cli import modality_paths
 
 
 def _errors():
@@ -47,7 +38,7 @@ def cmd_import(args) -> int:
     from morpheus_jax.export.convert import import_weights
 
     try:
-        mappings = {m: read_mapping(p) for m, p in _mapping_pairs(args.mapping).items()}
+        mappings = {m: read_mapping(p) for m, p in modality_paths(args.mapping, '--mapping').items()}
         mods = [m.strip() for m in args.modalities.split(",") if m.strip()] if args.modalities else None
         step_dir = import_weights(args.file, args.out, mappings=mappings, num_heads=args.num_heads,
                                   decoder_num_heads=args.decoder_num_heads, modalities=mods, config=args.config,
