@@ -62,6 +62,8 @@ class ModelConfig:
     # (1 = one stack padded to the largest group).
     group_buckets: int = 4
     compute_dtype: str = "float32"
+    # Recompute transformer blocks' activations in the backward pass (memory for compute).
+    remat: bool = False
     layer_norm_eps: float = 1e-5
 
 
@@ -80,6 +82,9 @@ class TrainConfig:
     weight_decay: float = 1e-3
     b1: float = 0.9
     b2: float = 0.999
+    # AdamW's first moment dtype ("bfloat16" halves its memory and traffic); the second
+    # moment stays float32.
+    mu_dtype: str = "float32"
     # "cosine": optax linear warm-up then cosine decay to end_lr_factor * lr over the run.
     # "paper": the authors' per-epoch factor min(linear warm-up, 0.5(1+cos(pi e / period))).
     schedule: str = "cosine"
@@ -286,6 +291,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"masking.ratio must be in [0, 1), got {cfg.masking.ratio}")
     if cfg.train.schedule not in ("cosine", "paper"):
         raise ConfigError(f"train.schedule must be 'cosine' or 'paper', got {cfg.train.schedule!r}")
+    if cfg.train.mu_dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"train.mu_dtype must be float32 or bfloat16, got {cfg.train.mu_dtype!r}")
     if m.compute_dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"model.compute_dtype must be float32 or bfloat16, got {m.compute_dtype!r}")
     unknown = set(m.modalities) - {"rna", "dnam", "cnv"}

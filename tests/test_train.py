@@ -64,3 +64,20 @@ def test_allow_missing_modalities(tmp_path):
     ds = pipeline.train_dataset(tmp_path / "ds", "pretrain", global_batch=loose["counts"]["pretrain"] // 2 * 2,
                                 num_patches=8, seed=0, modalities=("rna", "dnam", "cnv"))
     assert not ds[0]["available"].all()
+
+
+def test_remat_gives_the_same_losses_and_bf16_moments_train(tiny_dataset, tmp_path):
+    base = ["train.steps=5", "model.encoder_dropout=0.1"]
+    pretrain(tiny(tiny_dataset, tmp_path / "plain", *base), progress=False)
+    pretrain(tiny(tiny_dataset, tmp_path / "remat", *base, "model.remat=true"), progress=False)
+    plain = [r["loss"] for r in read_jsonl(tmp_path / "plain" / "metrics.jsonl") if "loss" in r]
+    remat = [r["loss"] for r in read_jsonl(tmp_path / "remat" / "metrics.jsonl") if "loss" in r]
+    np.testing.assert_allclose(remat, plain, rtol=1e-5)
+    pretrain(tiny(tiny_dataset, tmp_path / "mu", *base, "train.mu_dtype=bfloat16"), progress=False)
+    mu = [r["loss"] for r in read_jsonl(tmp_path / "mu" / "metrics.jsonl") if "loss" in r]
+    assert mu[0] == plain[0] and np.all(np.isfinite(mu)) and mu != plain
+    from morpheus_jax.train.checkpoint import checkpoint_dir
+    import orbax.checkpoint as ocp
+    meta = ocp.StandardCheckpointer().metadata(checkpoint_dir(tmp_path / "mu") / "5" / "state")
+    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+    assert str(tree["opt_state"][0]["mu"]["global_token"].dtype) == "bfloat16"

@@ -75,7 +75,8 @@ def make_schedule(tc: TrainConfig, total_steps: int, steps_per_epoch: int):
 
 
 def make_optimizer(tc: TrainConfig, schedule) -> optax.GradientTransformation:
-    adamw = optax.adamw(schedule, b1=tc.b1, b2=tc.b2, eps=1e-8, weight_decay=tc.weight_decay)
+    adamw = optax.adamw(schedule, b1=tc.b1, b2=tc.b2, eps=1e-8, weight_decay=tc.weight_decay,
+                        mu_dtype=jnp.dtype(tc.mu_dtype))
     if tc.grad_clip_norm:
         return optax.chain(optax.clip_by_global_norm(tc.grad_clip_norm), adamw)
     return adamw
