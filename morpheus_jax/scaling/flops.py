@@ -12,7 +12,8 @@ Convention (what counts):
   of the per-group omics MLPs sees the raw omics features, so only its weight gradient is
   computed. Training FLOPs = forward + backward.
 - Shapes are those of the code that runs: the WSI tokenizer in its reformulated form
-  (scores ``kv·(q Wkᵀ)`` and pooling ``A·kv`` over all N patches in D = wsi_dim, then
+  (scores ``kv·(q Wkᵀ)`` and pooling ``A·kv`` over all N patches in D = wsi_dim, each with
+  one product in the backward pass since patches take no gradient, then
   ``(A kv) Wv`` on P pooled rows; ``q Wkᵀ`` once per step), an encoder over ``1 + P + k``
   tokens (k = int(T(1 - ratio)) kept omics tokens), and per modality a decoder over G_m
   queries with ``1 + P + k`` context tokens. Every group is tokenized (the kept ones are
@@ -154,7 +155,11 @@ def step_flops(model_cfg: ModelConfig, layouts: Mapping, batch: int, num_patches
     t = _Tally()
     # WSI tokenizer, reformulated: q Wkᵀ once; scores and pooling over N patches in D dims.
     t.add("wsi_tokenizer", 2 * p * h * d)
-    t.add("wsi_tokenizer", 2 * 2 * b * p * n * d)
+    # Patches are data (no gradient): the custom VJP runs one product per forward product
+    # (scores' and pooling's gradients), so backward = 1x. The patch-mean corrections are
+    # [B, N, P]·[B, N] products, forward and backward.
+    t.add("wsi_tokenizer", 2 * 2 * b * p * n * d, backward=1.0)
+    t.add("wsi_tokenizer", 2 * b * n * p, backward=1.0)
     t.add("wsi_tokenizer", 2 * b * p * d * h)    # v_proj of the pooled rows
     t.add("wsi_tokenizer", 2 * b * p * h * h)    # output_proj
     for m in c.modalities:
