@@ -10,7 +10,9 @@ import pytest
 import yaml
 
 from conftest import TINY_OVERRIDES
+from morpheus_jax.config import load_config
 from morpheus_jax.scaling import sweep as sw
+from morpheus_jax.scaling.flops import step_flops
 from morpheus_jax.scaling.cli import register
 from morpheus_jax.scaling.ladder import LadderError, expand, load_ladder, resolve_steps, run_config, run_status
 
@@ -75,16 +77,20 @@ def test_ladder_errors(tmp_path, body, message):
 
 def test_budgets_resolve_to_steps(tmp_path):
     sizes = json.loads(PAPER_SIZES.read_text())
+    groups = {m: v["sizes"] for m, v in sizes.items()}
+    paper = load_config("paper")
+    per_step = step_flops(paper.model, groups, 32, paper.data.num_patches, paper.masking.ratio)["useful"]
     path = write_ladder(tmp_path / "b.yaml", base="paper", group_sizes=str(PAPER_SIZES), fixed={
         "train.global_batch_size": 32},
-        axes={"budget": [{"budget.samples": 3201}, {"budget.tokens": 54 * 32 * 10}, {"budget.flops": 43.84e9 * 7}]})
+        axes={"budget": [{"budget.samples": 3201}, {"budget.tokens": 54 * 32 * 10},
+                         {"budget.flops": per_step * 6.6}]})
     ladder = load_ladder(path)
     rows = sw.plan(ladder)
     assert [r["steps"] for r in rows] == [101, 10, 7]
     assert all(r["config"].train.steps == r["steps"] and r["config"].train.epochs is None for r in rows)
     cfg = rows[0]["config"]
     assert resolve_steps(cfg, {"budget.flops": 1e12}, None) is None      # needs the groups
-    assert resolve_steps(cfg, {"budget.flops": 1e12}, {m: v["sizes"] for m, v in sizes.items()}) == 23
+    assert resolve_steps(cfg, {"budget.flops": 1e12}, groups) == round(1e12 / per_step)
 
 
 def test_status_dry_run_and_launch_commands(tmp_path, capsys, monkeypatch):

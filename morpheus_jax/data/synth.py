@@ -15,9 +15,13 @@ order patients are written in; global parameters come from ``(seed, 0, ...)``.
 
 - Projects: sizes ∝ Dirichlet(6)-drawn proportions (at least 2 patients each); project
   means ``mu_p ~ N(0, 0.8² I_L)``. Patient factors ``z ~ N(mu_p, I_L)``.
-- WSI: phenotype centres ``c_k ~ N(0, 0.8² I_D)``; mixture ``pi = softmax(1.5 · A z)`` with
-  ``A_kl ~ N(0, 1/L)``. Each slide has a stain offset ``o ~ N(0, 0.1² I_D)``; each patch is
-  ``c_k + o + N(0, 0.5² I_D)`` with ``k ~ Cat(pi)``. Slides per patient: 1/2/3 with
+- WSI: phenotype centres ``c_k ~ N(0, (4² / D) I_D)`` (norm ≈ 4); mixture
+  ``pi = softmax(1.5 · A z)`` with ``A_kl ~ N(0, 1/L)``. Each slide has a stain offset
+  ``o ~ N(0, 0.1² I_D)``; each patch is ``s·c_k + o + N(0, 0.5² I_D)`` with ``k ~ Cat(pi)``
+  and a sign ``s = ±1`` (probability 1/2 each): a phenotype shows as either of two opposite
+  patch appearances. The patient's signal is in the proportions of phenotypes, which the
+  bag mean does not carry (each phenotype's contributions cancel in expectation): it is
+  found by recognising patches, i.e. learned attention, not by averaging a bag. Slides per patient: 1/2/3 with
   probability 0.8/0.15/0.05 (``[]`` with probability ``empty_slide_fraction``); patches per
   slide ``N = clip(round(LogNormal), 16, 8·mean)`` with mean ``mean_patches_per_slide`` and
   log-sd 0.6; coords are distinct cells of a square grid, times 256, sorted.
@@ -31,8 +35,10 @@ order patients are written in; global parameters come from ``(seed, 0, ...)``.
   - dnam: ``|w_f| ~ LogNormal(log 0.6, 0.4)``, bimodal ``b_f = ±2 + N(0, 0.7²)``; beta
     ``= sigmoid(x_f)``.
   - rna, dnam: ``s_f = 0.75 · sd(w_f·z) · LogNormal(0, 0.15)``, so corr(x_f, w_f·z) ≈ 0.8.
-  - cnv: ``|w_f| = 0.22``, ``b_f = 0``, ``s_f = 0.16``; copy number
-    ``clip(rint(2 · 2^x_f), 0, 10)`` (about 3/4 of the values are 2).
+  - cnv: ``|w_f| = 0.3 a``, ``b_f = 0``, ``s_f = 0.2 a``, with a per-chromosome-group
+    alteration level ``a ~ LogNormal(0, 0.8)`` (a few groups carry most of the copy-number
+    changes); copy number ``clip(rint(2 · 2^x_f), 0, 10)`` (about 2/3 of the values are 2;
+    ~15 % of the features have std > 0.15 after ``log10(cn/2 + 1)``).
   - dnam and cnv values are NaN with probability ``nan_fraction``; each patient is absent
     from each omics CSV with probability ``omics_missing_fraction``.
 - Survival: event time ``T ~ Exp(rate = h0 · exp(beta·z))`` months, ``|beta| = 0.8``, h0
@@ -60,7 +66,7 @@ ONCOTREE_CODES = ("SYNX", "SYNY", "SYNZ")
 _CHROM_MB = (248, 242, 198, 190, 181, 171, 159, 145, 138, 134, 135, 133, 114, 107, 102, 90, 83,
              80, 59, 64, 47, 51)
 _PROJECT_SPREAD = 0.8
-_CENTRE_SCALE, _PATCH_NOISE, _STAIN_NOISE = 0.8, 0.5, 0.1
+_CENTRE_NORM, _PATCH_NOISE, _STAIN_NOISE = 4.0, 0.5, 0.1
 _TEMPERATURE = 1.5
 _SLIDE_COUNT_P = (0.8, 0.15, 0.05)  # TCGA: ~1.2 diagnostic slides per patient
 _BAG_LOG_SD = 0.6
@@ -148,8 +154,9 @@ def _build_modality(name, sizes, n_unique, z_mc, rng) -> dict:
         direction[groups[g]] += group_dirs[g]
         first_group[groups[g]] = g
     if name == "cnv":
-        loadings = _unit(direction) * 0.22
-        noise = np.full(n_total, 0.16)
+        level = rng.lognormal(0.0, 0.8, n_groups + 1)[first_group]
+        loadings = _unit(direction) * (0.3 * level)[:, None]
+        noise = 0.2 * level
         offset = np.zeros(n_total)
     else:
         amp = rng.lognormal(np.log(0.8 if name == "rna" else 0.6), 0.4, n_total)
@@ -285,7 +292,10 @@ def _write_slides(out: Path, pat: dict, rng, centres: np.ndarray) -> int:
         stain = rng.standard_normal(feature_dim, dtype=np.float32) * _STAIN_NOISE
         x = rng.standard_normal((n, feature_dim), dtype=np.float32)
         x *= _PATCH_NOISE  # in place: the bag is the largest array held
-        x += centres[k]
+        signed = centres[k]
+        signed[rng.random(n) < 0.5] *= -1.0
+        x += signed
+        del signed
         x += stain
         side = int(np.ceil(np.sqrt(1.5 * n)))
         cells = np.sort(rng.choice(side * side, size=n, replace=False))
@@ -333,7 +343,7 @@ def write_synthetic_cohort(out_dir, n_patients=500, seed=0, *, n_projects=4,
     proj_mu = g_rng.normal(0.0, _PROJECT_SPREAD, (n_projects, latent_dim))
     proj_p = g_rng.dirichlet(np.full(n_projects, 6.0))
     centres = g_rng.standard_normal((n_phenotypes, feature_dim), dtype=np.float32)
-    centres *= _CENTRE_SCALE
+    centres *= _CENTRE_NORM / np.sqrt(feature_dim)
     mix_w = g_rng.normal(0.0, 1.0 / np.sqrt(latent_dim), (n_phenotypes, latent_dim))
     beta = 0.8 * _unit(g_rng.standard_normal(latent_dim))
     onco_w = g_rng.standard_normal((len(ONCOTREE_CODES), latent_dim))
