@@ -66,7 +66,7 @@ def test_allow_missing_modalities(tmp_path):
     assert not ds[0]["available"].all()
 
 
-def test_remat_gives_the_same_losses_and_bf16_moments_train(tiny_dataset, tmp_path):
+def test_remat_gives_the_same_losses_and_bf16_moments_and_compute_train(tiny_dataset, tmp_path):
     base = ["train.steps=5", "model.encoder_dropout=0.1"]
     pretrain(tiny(tiny_dataset, tmp_path / "plain", *base), progress=False)
     pretrain(tiny(tiny_dataset, tmp_path / "remat", *base, "model.remat=true"), progress=False)
@@ -81,3 +81,9 @@ def test_remat_gives_the_same_losses_and_bf16_moments_train(tiny_dataset, tmp_pa
     meta = ocp.StandardCheckpointer().metadata(checkpoint_dir(tmp_path / "mu") / "5" / "state")
     tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
     assert str(tree["opt_state"][0]["mu"]["global_token"].dtype) == "bfloat16"
+    # bfloat16 products (float32 parameters, accumulation and loss) run on every backend,
+    # CPU included, and track the float32 losses to bfloat16 precision.
+    pretrain(tiny(tiny_dataset, tmp_path / "bf16", *base, "model.compute_dtype=bfloat16"), progress=False)
+    bf16 = [r["loss"] for r in read_jsonl(tmp_path / "bf16" / "metrics.jsonl") if "loss" in r]
+    assert bf16 != plain
+    np.testing.assert_allclose(bf16, plain, rtol=3e-2)

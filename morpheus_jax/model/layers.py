@@ -61,6 +61,15 @@ def dropout(x: Array, rate: float, noise: Array | None) -> Array:
     return jnp.where(noise >= rate, x / (1.0 - rate), jnp.zeros((), x.dtype))
 
 
+def einsum_f32(spec: str, a: Array, b: Array) -> Array:
+    """``jnp.einsum`` accumulating and returning float32 whatever the operands' dtype
+    (bfloat16 operands multiply in bfloat16 on GPU/TPU). XLA:CPU has no bfloat16 x bfloat16
+    -> float32 dot, so there the operands are widened first (exact: bf16 -> f32 is lossless)."""
+    if jnp.bfloat16 in (a.dtype, b.dtype) and jax.default_backend() == "cpu":
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
 class Dense(nnx.Module):
     """``y = x @ kernel + bias``; kernel ``[in, out]`` (the transpose of a torch weight)."""
 
@@ -71,8 +80,7 @@ class Dense(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: Array) -> Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                    preferred_element_type=jnp.float32)
+        y = einsum_f32("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         return (y + self.bias[...]).astype(self.dtype)
 
 
@@ -105,7 +113,7 @@ def attend(q: Array, k: Array, v: Array, key_mask: Array | None, rate: float, no
         mask = None if key_mask is None else key_mask[:, None, None, :]
         return jax.nn.dot_product_attention(q, k, v, mask=mask)
     scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    logits = einsum_f32("bqhd,bkhd->bhqk", q, k) * scale
     if key_mask is not None:
         logits = jnp.where(key_mask[:, None, None, :], logits, -jnp.inf)
     weights = dropout(jax.nn.softmax(logits, axis=-1), rate, noise).astype(v.dtype)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from morpheus_jax.model.layers import Dense, LayerNorm, normal_init, torch_linear_init
+from morpheus_jax.model.layers import Dense, LayerNorm, einsum_f32, normal_init, torch_linear_init
 from morpheus_jax.model.wsi_pool import attention_pool
 from morpheus_jax.sharding import constrain
 
@@ -224,11 +224,11 @@ class GroupTokenizer(nnx.Module):
         hs = []
         for b, (w, bias) in enumerate(zip(self.w1, self.b1)):
             xb = xp[:, self.layout.bucket_gather(b)]                   # [B, Gb, Wb]
-            h = jnp.einsum("bgi,gio->bgo", xb, w[...].astype(dt), preferred_element_type=jnp.float32)
+            h = einsum_f32("bgi,gio->bgo", xb, w[...].astype(dt))
             hs.append(h + bias[...])
         unsort = np.argsort(self.layout.bucket_order())
         h = elu(jnp.concatenate(hs, axis=1)[:, unsort]).astype(dt)   # [B, G, Dh]
-        out = jnp.einsum("bgi,gio->bgo", h, self.w2[...].astype(dt), preferred_element_type=jnp.float32)
+        out = einsum_f32("bgi,gio->bgo", h, self.w2[...].astype(dt))
         return elu(out + self.b2[...]).astype(dt)
 
 
@@ -257,12 +257,10 @@ class ReverseTokenizer(nnx.Module):
     def __call__(self, x: Array) -> Array:
         """x ``[B, G, H]`` decoded group tokens → ``[B, S]`` predictions, groups in mapping order."""
         dt = self.dtype
-        h = jnp.einsum("bgi,gio->bgo", x.astype(dt), self.w1[...].astype(dt),
-                       preferred_element_type=jnp.float32)
+        h = einsum_f32("bgi,gio->bgo", x.astype(dt), self.w1[...].astype(dt))
         h = elu(h + self.b1[...]).astype(dt)                         # [B, G, Dh]
         outs = []
         for groups, w, bias in zip(self.layout.buckets, self.w2, self.b2):
-            o = jnp.einsum("bgi,gio->bgo", h[:, np.asarray(groups)], w[...].astype(dt),
-                           preferred_element_type=jnp.float32) + bias[...]
+            o = einsum_f32("bgi,gio->bgo", h[:, np.asarray(groups)], w[...].astype(dt)) + bias[...]
             outs.append(o.reshape(o.shape[0], -1))
         return jnp.concatenate(outs, axis=1)[:, self.layout.flat_from_buckets()].astype(jnp.float32)

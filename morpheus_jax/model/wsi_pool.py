@@ -27,6 +27,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from morpheus_jax.model.layers import einsum_f32
+
 Array = jax.Array
 _NEG = jnp.finfo(jnp.float32).min
 
@@ -41,13 +43,13 @@ def _forward(x, mask, w, b, qk, scale, eps, dtype):
     x = x.astype(dtype)
     mean, rstd = _stats(x.astype(jnp.float32), eps)                 # [B, N]
     q = w[None, :] * qk                                             # [P, D]
-    xq = jnp.einsum("bnd,pd->bnp", x, q.astype(dtype), preferred_element_type=jnp.float32)
+    xq = einsum_f32("bnd,pd->bnp", x, q.astype(dtype))
     scores = scale * rstd[..., None] * (xq - mean[..., None] * q.sum(-1))
     if mask is not None:
         scores = jnp.where(mask[..., None], scores, _NEG)
     a = jax.nn.softmax(scores, axis=1)                              # [B, N, P], over patches
     ar = a * rstd[..., None]
-    pooled_hat = (jnp.einsum("bnp,bnd->bpd", ar.astype(dtype), x, preferred_element_type=jnp.float32)
+    pooled_hat = (einsum_f32("bnp,bnd->bpd", ar.astype(dtype), x)
                   - jnp.einsum("bnp,bn->bp", ar, mean)[..., None])  # A · xhat, [B, P, D]
     return pooled_hat * w + b, (mean, rstd, a, pooled_hat, q)
 
@@ -73,11 +75,11 @@ def _bwd(scale, eps, dtype, res, g):
     d_b = g.sum((0, 1))
     d_w = (g * pooled_hat).sum((0, 1))
     gw = g * w                                                      # d pooled_hat
-    d_a = rstd[..., None] * (jnp.einsum("bnd,bpd->bnp", x, gw.astype(dtype), preferred_element_type=jnp.float32)
+    d_a = rstd[..., None] * (einsum_f32("bnd,bpd->bnp", x, gw.astype(dtype))
                              - mean[..., None] * gw.sum(-1)[:, None, :])
     d_s = a * (d_a - jnp.sum(a * d_a, axis=1, keepdims=True))       # softmax over patches
     dsr = d_s * rstd[..., None]
-    d_q = scale * (jnp.einsum("bnp,bnd->pd", dsr.astype(dtype), x, preferred_element_type=jnp.float32)
+    d_q = scale * (einsum_f32("bnp,bnd->pd", dsr.astype(dtype), x)
                    - jnp.einsum("bnp,bn->p", dsr, mean)[:, None])
     d_w = d_w + (d_q * qk).sum(0)
     return None, None, d_w, d_b, d_q * w
