@@ -19,6 +19,27 @@ def modality_paths(values: list[str] | None, flag: str) -> dict[str, Path]:
     return out
 
 
+CKPT_HELP = "a run folder (its latest checkpoint), a checkpoints folder or one checkpoint step folder"
+
+
+def user_errors(*extra: type[Exception]) -> tuple[type[Exception], ...]:
+    """Exceptions that report bad input (config, files, datasets, checkpoints): printed as
+    one line ``morpheus COMMAND: error: …`` with exit status 2 instead of a traceback.
+    Subcommands that validate with ``ValueError`` pass it as ``extra``."""
+    from morpheus_jax.config import ConfigError
+    from morpheus_jax.data.prepare import PrepareError
+    from morpheus_jax.data.records import DatasetError
+
+    # FileNotFoundError covers export.checkpoints.CheckpointNotFound.
+    return (ConfigError, PrepareError, DatasetError, FileNotFoundError, FileExistsError, *extra)
+
+
+def add_config_flags(s: argparse.ArgumentParser, example: str) -> None:
+    """``--config`` and the positional dotted overrides, as every config-driven command takes them."""
+    s.add_argument("--config", help="YAML config file or a name in configs/ (default: demo)")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help=f"dotted config overrides, e.g. {example}")
+
+
 def cmd_synth(args) -> int:
     from morpheus_jax.data.synth import write_synthetic_cohort
     info = write_synthetic_cohort(args.out_dir, n_patients=args.patients, seed=args.seed,
@@ -127,9 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Pretrain by masked omics modelling. With no arguments: configs/demo.yaml, "
                                    "which synthesises and prepares a demo cohort if absent. Rerunning with the "
                                    "same run_dir resumes from its latest checkpoint.")
-    s.add_argument("--config", help="YAML config file or a name in configs/ (default: demo)")
-    s.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="dotted config overrides, e.g. train.steps=100 model.hidden_size=64")
+    add_config_flags(s, "train.steps=100 model.hidden_size=64")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument("--coordinator", help="multi-process: address host:port of process 0 (TPU VMs and SLURM are "
                                          "detected without it)")
@@ -148,12 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from morpheus_jax.config import ConfigError
-    from morpheus_jax.data.prepare import PrepareError
-    from morpheus_jax.data.records import DatasetError
     try:
         return args.fn(args)
-    except (ConfigError, PrepareError, DatasetError, FileExistsError) as e:
+    except user_errors() as e:
         print(f"morpheus {args.command}: error: {e}", file=sys.stderr)
         return 2
 

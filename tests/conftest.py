@@ -69,16 +69,24 @@ def jit_model(model, **static):
 TINY_DIM = 32
 
 
-@pytest.fixture(scope="session")
-def tiny_dataset(tmp_path_factory):
-    """A prepared synthetic cohort (80 patients, 32-dim patches) shared by training tests."""
+def synth_dataset(root, *, patients: int, seed: int, dim: int, patches_per_slide: int = 40, **options):
+    """Write a synthetic cohort to ``root/raw`` and prepare it into ``root/ds``.
+
+    ``options``: extra `PrepareOptions` fields. Returns the prepared manifest."""
     from morpheus_jax.data.prepare import PrepareOptions, RawCohort, prepare
     from morpheus_jax.data.synth import write_synthetic_cohort
 
+    write_synthetic_cohort(root / "raw", n_patients=patients, seed=seed, feature_dim=dim,
+                           mean_patches_per_slide=patches_per_slide, progress=False)
+    return prepare(RawCohort.from_dir(root / "raw"), root / "ds",
+                   PrepareOptions(wsi_dim=dim, progress=False, **options))
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """A prepared synthetic cohort (80 patients, 32-dim patches) shared by training tests."""
     root = tmp_path_factory.mktemp("tiny_cohort")
-    write_synthetic_cohort(root / "raw", n_patients=80, seed=11, feature_dim=TINY_DIM, mean_patches_per_slide=60,
-                           progress=False)
-    prepare(RawCohort.from_dir(root / "raw"), root / "ds", PrepareOptions(wsi_dim=TINY_DIM, progress=False))
+    synth_dataset(root, patients=80, seed=11, dim=TINY_DIM, patches_per_slide=60)
     return root / "ds"
 
 

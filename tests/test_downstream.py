@@ -8,10 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import synth_dataset
 import morpheus_jax
 from morpheus_jax.config import load_config
-from morpheus_jax.data.prepare import PrepareOptions, RawCohort, prepare
-from morpheus_jax.data.synth import write_synthetic_cohort
 from morpheus_jax.eval import cli as dcli
 from morpheus_jax.eval import downstream as ds
 from morpheus_jax.export.checkpoints import read_checkpoint
@@ -27,9 +26,7 @@ FAST = ["--epochs", "6", "--lr", "2e-3", "--batch-size", "16", "--warmup-epochs"
 def setup(tmp_path_factory):
     """(run folder, dataset folder, scratch folder): 160 synthetic patients, 120 pretraining steps."""
     root = tmp_path_factory.mktemp("downstream")
-    write_synthetic_cohort(root / "raw", n_patients=160, seed=3, feature_dim=DIM, mean_patches_per_slide=40,
-                           progress=False)
-    prepare(RawCohort.from_dir(root / "raw"), root / "ds", PrepareOptions(wsi_dim=DIM, progress=False))
+    synth_dataset(root, patients=160, seed=3, dim=DIM)
     cfg = load_config(None, [
         f"data.dir={root / 'ds'}", "data.raw_dir=null", f"run_dir={root / 'run'}", "data.num_patches=32",
         f"model.wsi_dim={DIM}", "model.hidden_size=32", "model.num_prototypes=4", "model.group_hidden=32",

@@ -16,7 +16,7 @@ def test_num_kept_paper():
 
 @pytest.mark.parametrize("counts,ratio", [(PAPER_COUNTS, 0.75), ((6, 5, 4), 0.75), ((3, 40, 2), 0.5), ((10,), 0.6)])
 def test_exact_kept_count_and_consistent_plan(counts, ratio):
-    t, k = sum(counts), num_kept(sum(counts), ratio)
+    k = num_kept(sum(counts), ratio)
     fn = jax.jit(lambda key: random_keep(key, counts, ratio, 64))
     for seed in range(25):
         plan = jax.device_get(fn(jax.random.key(seed)))

@@ -9,7 +9,7 @@ from flax import nnx
 from conftest import jit_model, make_layouts, tiny_model_config
 from morpheus_jax.model.masking import explicit_keep, random_keep
 from morpheus_jax.model.morpheus import init_model
-from morpheus_jax.model.tokenizers import GroupLayout, bucket_partition
+from morpheus_jax.model.tokenizers import bucket_partition
 from morpheus_jax.train.losses import group_l1, masked_mean
 from morpheus_jax.train.step import Objective
 

@@ -9,9 +9,8 @@ import textwrap
 import numpy as np
 import pytest
 
+from conftest import synth_dataset
 from morpheus_jax.data import pipeline
-from morpheus_jax.data.prepare import PrepareOptions, RawCohort, prepare
-from morpheus_jax.data.synth import write_synthetic_cohort
 
 DIM = 16
 MODS = ("rna", "dnam", "cnv")
@@ -20,11 +19,7 @@ MODS = ("rna", "dnam", "cnv")
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipe")
-    write_synthetic_cohort(root / "raw", n_patients=70, seed=4, feature_dim=DIM, mean_patches_per_slide=40,
-                           progress=False)
-    manifest = prepare(RawCohort.from_dir(root / "raw"), root / "ds",
-                       PrepareOptions(wsi_dim=DIM, records_per_shard=10, progress=False))
-    return root / "ds", manifest
+    return root / "ds", synth_dataset(root, patients=70, seed=4, dim=DIM, records_per_shard=10)
 
 
 def _free_port():

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import synth_dataset
 from morpheus_jax.data import pipeline, records
 from morpheus_jax.data.prepare import PrepareError, PrepareOptions, RawCohort, canonical_features, prepare
-from morpheus_jax.data.synth import write_synthetic_cohort
 
 DIM = 16
 
@@ -20,11 +20,7 @@ DIM = 16
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     root = tmp_path_factory.mktemp("cohort")
-    write_synthetic_cohort(root / "raw", n_patients=60, seed=3, feature_dim=DIM, mean_patches_per_slide=40,
-                           progress=False)
-    manifest = prepare(RawCohort.from_dir(root / "raw"), root / "ds",
-                       PrepareOptions(wsi_dim=DIM, records_per_shard=16, progress=False))
-    return root, manifest
+    return root, synth_dataset(root, patients=60, seed=3, dim=DIM, records_per_shard=16)
 
 
 def _expected_omics(raw, m, features):

@@ -1,7 +1,6 @@
 """Scale-out on CPU: meshes, two processes, exact resume, restore onto other meshes,
 damaged checkpoints, launch scripts."""
 
-import json
 import os
 import shutil
 import signal

@@ -9,21 +9,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-CKPT_HELP = "a run folder (its latest checkpoint), a checkpoints folder or one checkpoint step folder"
+from morpheus_jax.cli import CKPT_HELP, user_errors
+
 DATASET_HELP = "prepared dataset folder (morpheus prepare)"
-
-
-def _errors():
-    from morpheus_jax.config import ConfigError
-    from morpheus_jax.export.checkpoints import CheckpointNotFound
-
-    return (ValueError, ConfigError, CheckpointNotFound, FileNotFoundError, FileExistsError)
 
 
 def _run(name: str, fn) -> int:
     try:
         fn()
-    except _errors() as e:
+    except user_errors(ValueError) as e:
         print(f"morpheus {name}: error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -76,7 +70,8 @@ def cmd_classify(args) -> int:
         k=args.k, draws=args.draws, full=args.full, folds=args.folds, method=method, settings=_settings(args)))
 
 
-def _common(s, *, modalities: bool = True, split: str = "all") -> None:
+def _common(s, *, modalities: bool = True, split: str = "all", batch_size: bool = False) -> None:
+    """The checkpoint, dataset, split (and inputs, and the inference batch size) flags."""
     s.add_argument("--checkpoint", required=True, help=CKPT_HELP)
     s.add_argument("--dataset", required=True, help=DATASET_HELP)
     if modalities:
@@ -86,6 +81,9 @@ def _common(s, *, modalities: bool = True, split: str = "all") -> None:
     s.add_argument("--split", default=split,
                    help=f"dataset split: pretrain, val-pretrain, fine-tune{', or all' if split == 'all' else ''} "
                         f"(default {split})")
+    if batch_size:
+        s.add_argument("--batch-size", type=int, default=None,
+                       help="patients per batch (default: the pretraining data.eval_batch_size)")
 
 
 def _finetune_flags(s) -> None:
@@ -120,10 +118,8 @@ def register(subparsers) -> None:
         description="Encode each patient (every patch of the bag, plus the omics asked for) and write the final "
                     "embedding of the global token: a table with submitter_id, project_id, split and emb_* "
                     "columns (.parquet), or arrays submitter_id, project_id, split, embedding [n, H] (.npz).")
-    _common(s)
+    _common(s, batch_size=True)
     s.add_argument("--out", required=True, help="output file; the suffix picks the format: .parquet or .npz")
-    s.add_argument("--batch-size", type=int, default=None,
-                   help="patients per batch (default: the pretraining data.eval_batch_size)")
     s.set_defaults(fn=cmd_embed)
 
     s = subparsers.add_parser(
@@ -131,13 +127,11 @@ def register(subparsers) -> None:
         description="Any-to-any generation in decode mode: encode the --from inputs, let the --target decoder "
                     "predict every group, and write submitter_id then the target's features in canonical order "
                     "(a feature of several groups gets the mean of its predictions).")
-    _common(s, modalities=False)
+    _common(s, modalities=False, batch_size=True)
     s.add_argument("--target", required=True, help="omics modality to generate: rna, dnam or cnv (the checkpoint's)")
     s.add_argument("--from", dest="sources", default="wsi",
                    help="comma-separated inputs, e.g. wsi or wsi,rna (default wsi); must not include --target")
     s.add_argument("--out", required=True, help="output CSV file (one row per patient)")
-    s.add_argument("--batch-size", type=int, default=None,
-                   help="patients per batch (default: the pretraining data.eval_batch_size)")
     s.set_defaults(fn=cmd_generate)
 
     s = subparsers.add_parser(
@@ -151,7 +145,7 @@ def register(subparsers) -> None:
                     "(std > --min-std) the Pearson r over patients; the median and the number of features above "
                     "0.01 … 0.9. Writes reconstruction.csv, per_feature_r.csv, reconstruction.png and "
                     "reconstruction.json into --out.")
-    _common(r, modalities=False, split="fine-tune")
+    _common(r, modalities=False, split="fine-tune", batch_size=True)
     r.add_argument("--target", required=True, help="omics modality to generate and compare: rna, dnam or cnv")
     r.add_argument("--out", required=True, help="output folder for the CSVs, the plot and the JSON")
     r.add_argument("--group-column", default=None,
@@ -159,8 +153,6 @@ def register(subparsers) -> None:
                         "measured data (Welch t-test, p < 0.05) whose sign the generated data reproduces")
     r.add_argument("--min-std", type=float, default=0.15,
                    help="keep features whose measured std over the patients exceeds this (default 0.15, the paper's)")
-    r.add_argument("--batch-size", type=int, default=None,
-                   help="patients per batch (default: the pretraining data.eval_batch_size)")
     r.set_defaults(fn=cmd_reconstruction)
 
     s = subparsers.add_parser(

@@ -7,14 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from morpheus_jax.cli import modality_paths
-
-
-def _errors():
-    from morpheus_jax.config import ConfigError
-    from morpheus_jax.export.checkpoints import CheckpointNotFound
-
-    return (ValueError, ConfigError, CheckpointNotFound, FileNotFoundError, FileExistsError)
+from morpheus_jax.cli import CKPT_HELP, modality_paths, user_errors
 
 
 def cmd_export(args) -> int:
@@ -24,7 +17,7 @@ def cmd_export(args) -> int:
         mods = [m.strip() for m in args.modalities.split(",") if m.strip()] if args.modalities else None
         path, side = export_checkpoint(args.checkpoint, args.out, encoder_only=args.encoder_only, modalities=mods,
                                        dtype=args.dtype, overwrite=args.overwrite)
-    except _errors() as e:
+    except user_errors(ValueError) as e:
         print(f"morpheus export: error: {e}", file=sys.stderr)
         return 2
     kind = "encoder only" if side["encoder_only"] else "full model"
@@ -43,7 +36,7 @@ def cmd_import(args) -> int:
         step_dir = import_weights(args.file, args.out, mappings=mappings, num_heads=args.num_heads,
                                   decoder_num_heads=args.decoder_num_heads, modalities=mods, config=args.config,
                                   step=args.step, overwrite=args.overwrite)
-    except _errors() as e:
+    except user_errors(ValueError) as e:
         print(f"morpheus import-torch: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote checkpoint {step_dir}")
@@ -57,8 +50,7 @@ def register(subparsers) -> None:
         description="Write a checkpoint's weights in the authors' PyTorch layout (keys and shapes of "
                     "MorpheusProto / MorpheusProtoEncoder, loadable with load_state_dict(strict=True)) and a "
                     "sidecar FILE.json with the config, modality order, group names and canonical feature names.")
-    s.add_argument("--checkpoint", required=True,
-                   help="a run folder (its latest checkpoint), a checkpoints folder or one checkpoint step folder")
+    s.add_argument("--checkpoint", required=True, help=CKPT_HELP)
     s.add_argument("--out", required=True,
                    help="output file; the suffix picks the format: .safetensors, or .pt / .pth "
                         "(torch.save of a state dict)")

@@ -10,7 +10,6 @@ to and from the authors' one-MLP-per-group layout.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp

@@ -9,12 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-
-def _errors():
-    from morpheus_jax.config import ConfigError
-    from morpheus_jax.data.records import DatasetError
-
-    return (ConfigError, DatasetError, ValueError, FileNotFoundError)
+from morpheus_jax.cli import add_config_flags, user_errors
 
 
 def cmd_sweep(args) -> int:
@@ -45,7 +40,7 @@ def cmd_sweep(args) -> int:
                 print(shell(cmd))
             return 0
         return 1 if sw.submit(cmds) else 0
-    except _errors() as e:
+    except user_errors(ValueError) as e:
         print(f"morpheus sweep: error: {e}", file=sys.stderr)
         return 2
 
@@ -64,7 +59,7 @@ def cmd_fit(args) -> int:
         relation = ft.ComputeRelation() if args.compute == "6nd" else None
         report, boot = ft.fit_table(rows, params_column=args.params_column, n_boot=args.bootstrap, seed=args.seed,
                                     confidence=args.confidence, relation=relation)
-    except _errors() as e:
+    except user_errors(ValueError) as e:
         print(f"morpheus scaling fit: error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)
@@ -113,7 +108,7 @@ def cmd_flops(args) -> int:
         batch = args.batch or cfg.train.global_batch_size
         f = fl.step_flops(cfg.model, layouts, batch, cfg.data.num_patches, cfg.masking.ratio)
         p = fl.param_counts(cfg.model, layouts)
-    except _errors() as e:
+    except user_errors(ValueError) as e:
         print(f"morpheus scaling flops: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({"flops": f, "params": p}, indent=1) if args.json else fl.summary(f, p))
@@ -178,8 +173,7 @@ def register(subparsers) -> None:
                        description="Matmul FLOPs of one training step (forward + backward, useful and as executed "
                                    "with bucket padding) and parameter counts, from a config and the group sizes "
                                    "of its dataset (or --group-sizes).")
-    f.add_argument("--config", help="YAML config file or a name in configs/ (default: demo)")
-    f.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. model.hidden_size=128")
+    add_config_flags(f, "model.hidden_size=128")
     f.add_argument("--group-sizes", help="JSON {modality: [sizes]} or the layout of paper_group_sizes.json; "
                                          "default: the dataset manifest at data.dir")
     f.add_argument("--batch", type=int, help="global batch size (default: train.global_batch_size)")
