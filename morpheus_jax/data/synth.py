@@ -21,10 +21,10 @@ order patients are written in; global parameters come from ``(seed, 0, ...)``.
   and a sign ``s = ±1`` (probability 1/2 each): a phenotype shows as either of two opposite
   patch appearances. The patient's signal is in the proportions of phenotypes, which the
   bag mean does not carry (each phenotype's contributions cancel in expectation): it is
-  found by recognising patches, i.e. learned attention, not by averaging a bag. Slides per patient: 1/2/3 with
-  probability 0.8/0.15/0.05 (``[]`` with probability ``empty_slide_fraction``); patches per
-  slide ``N = clip(round(LogNormal), 16, 8·mean)`` with mean ``mean_patches_per_slide`` and
-  log-sd 0.6; coords are distinct cells of a square grid, times 256, sorted.
+  found by recognising patches, i.e. learned attention, not by averaging a bag. Slides per
+  patient: 1/2/3 with probability 0.8/0.15/0.05 (``[]`` with probability
+  ``empty_slide_fraction``); patches per slide ``N = clip(round(LogNormal), 16, 8·mean)``
+  with mean ``mean_patches_per_slide`` and log-sd 0.6; coords are distinct cells of a square grid, times 256, sorted.
 - Omics, per feature f (mapped features and ~10 % extra unmapped ones):
   ``x_f = b_f + w_f·z + s_f (0.5 e_seg + 0.866 e_f)``; ``e_seg ~ N(0, 1)`` is shared by the
   features whose first group is the same, ``e_f ~ N(0, 1)`` is the feature's own. The
