@@ -132,7 +132,7 @@ def torch_step(args, groups) -> dict:
     wsi = torch.from_numpy(rng.normal(size=(b, n, 1536)).astype(np.float32))
     omics = {m: torch.from_numpy(rng.normal(size=(b, sum(s.values()))).astype(np.float32)) for m, s in sizes.items()}
     counts = [len(s) for s in sizes.values()]
-    t_tokens, k = sum(counts), int(sum(counts) * 0.25)
+    k = int(sum(counts) * 0.25)
 
     def masks_for_step():
         # §3: Dirichlet split of k kept tokens, uniform within each modality.

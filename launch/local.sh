@@ -17,7 +17,9 @@ usage: launch/local.sh [-n PROCESSES] [-d DEVICES] [-p PORT] [-l LOG_DIR] [--dry
   pretrain args  passed to every process: --config FILE and key=value overrides
 
 SIGTERM/SIGINT are forwarded to every process (they finish the step, save a checkpoint
-and exit 0). The exit status is the first non-zero one among the processes.
+and exit 0). When a process fails, the others are sent SIGTERM and, GRACE seconds later
+(MORPHEUS_KILL_GRACE, default 10), SIGKILL: without their peer they would block in a
+collective. The exit status is that of the first process seen to fail (0 if none did).
 TXT
 }
 
@@ -60,20 +62,29 @@ for ((i = 0; i < procs; i++)); do
   fi
   pids+=($!)
 done
-forward() { kill -s "$1" "${pids[@]}" 2>/dev/null || true; }
+declare -A index running
+for i in "${!pids[@]}"; do index[${pids[$i]}]=$i; running[${pids[$i]}]=1; done
+forward() { kill -s "$1" "${!running[@]}" 2>/dev/null || true; }
 trap 'forward TERM' TERM
 trap 'forward INT' INT
-status=0
-for pid in "${pids[@]}"; do
-  while true; do
-    if wait "$pid"; then rc=0; else rc=$?; fi
-    # `wait` returns >128 when interrupted by a trapped signal: wait again for the real exit.
-    if [[ $rc -gt 128 ]] && kill -0 "$pid" 2>/dev/null; then continue; fi
-    break
+status=0 killer=""
+while [[ ${#running[@]} -gt 0 ]]; do
+  for pid in "${pids[@]}"; do  # in process order: of failures seen together, the lowest index's wins
+    [[ -n "${running[$pid]:-}" ]] || continue
+    kill -0 "$pid" 2>/dev/null && continue
+    if wait "$pid"; then rc=0; else rc=$?; fi  # already exited: its saved status
+    unset "running[$pid]"
+    if [[ $rc -ne 0 && $status -eq 0 ]]; then
+      status=$rc
+      echo "launch/local.sh: process ${index[$pid]} exited with status $rc; stopping the others" >&2
+      forward TERM
+      if [[ ${#running[@]} -gt 0 ]]; then
+        (sleep "${MORPHEUS_KILL_GRACE:-10}"; kill -KILL "${!running[@]}") >/dev/null 2>&1 &
+        killer=$!
+      fi
+    fi
   done
-  if [[ $rc -ne 0 && $status -eq 0 ]]; then
-    status=$rc
-    forward TERM
-  fi
+  [[ ${#running[@]} -eq 0 ]] || sleep 0.2
 done
+[[ -z "$killer" ]] || kill "$killer" 2>/dev/null || true
 exit "$status"

@@ -91,7 +91,8 @@ def cmd_pretrain(args) -> int:
     from morpheus_jax import distributed
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     from morpheus_jax.train.loop import pretrain
-    report = pretrain(cfg, progress=not args.no_progress)
+    with distributed.fail_fast("morpheus pretrain", user_errors()):
+        report = pretrain(cfg, progress=not args.no_progress)
     return 0 if report else 1
 
 

@@ -312,12 +312,8 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Atomic write of the resolved config as YAML."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
+    from morpheus_jax.atomic import write_text
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def model_config_diff(a: ModelConfig, b: ModelConfig) -> list[str]:

@@ -36,6 +36,7 @@ import pandas as pd
 import tensorstore as ts
 from tqdm.auto import tqdm
 
+from morpheus_jax.atomic import write_json
 from morpheus_jax.data import records as rec
 from morpheus_jax.data.raw import (FILL, MODALITIES, RESERVED, TRANSFORM, OmicsTable, PrepareError, RawCohort,
                                    RowReader, canonical_features, read_mapping, read_metadata, read_slide,
@@ -262,7 +263,7 @@ def write_shard(task: ShardTask) -> dict:
     }
     marker = _marker_path(root, task.split, task.shard)
     marker.parent.mkdir(parents=True, exist_ok=True)
-    rec.write_json_atomic(marker, {"plan_hash": task.plan_hash, "entry": entry})
+    write_json(marker, {"plan_hash": task.plan_hash, "entry": entry})
     return entry
 
 
@@ -361,7 +362,7 @@ def prepare(cohort: RawCohort, out: str | os.PathLike, opts: PrepareOptions | No
         "resumed_shards": resumed,
         "seconds": round(time.time() - t0, 2),
     }
-    rec.write_json_atomic(out / rec.MANIFEST, manifest)
+    write_json(out / rec.MANIFEST, manifest)
     shutil.rmtree(scratch, ignore_errors=True)
     return manifest
 

@@ -119,13 +119,6 @@ def zarr_spec(path: Path, rows: int | None = None, dim: int | None = None, dtype
     return spec
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
-
-
 def load_manifest(root: str | os.PathLike) -> dict[str, Any]:
     root = Path(root)
     path = root / MANIFEST

@@ -50,8 +50,7 @@ order patients are written in; global parameters come from ``(seed, 0, ...)``.
 
 from __future__ import annotations
 
-import json
-import os
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -59,6 +58,8 @@ import h5py
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
+
+from morpheus_jax.atomic import replacing, write_csv, write_json
 
 MODALITIES = ("rna", "dnam", "cnv")
 ONCOTREE_CODES = ("SYNX", "SYNY", "SYNZ")
@@ -249,17 +250,9 @@ def _fmt_row(sid: str, x: np.ndarray, fmt: str) -> str:
 
 
 def _write_slide(path: Path, feats: np.ndarray, coords: np.ndarray, squeeze: bool) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
+    with replacing(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("features", data=feats if squeeze else feats[None], track_times=False)
         f.create_dataset("coords", data=coords if squeeze else coords[None], track_times=False)
-    os.replace(tmp, path)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _resolve_sizes(group_sizes, unique_features, groups_per_modality, rng):
@@ -391,11 +384,11 @@ def write_synthetic_cohort(out_dir, n_patients=500, seed=0, *, n_projects=4,
     # Pass 2: slides and omics rows, one patient at a time.
     for d in ("omics", "mappings", *(f"features/{p}" for p in pids)):
         (out / d).mkdir(parents=True, exist_ok=True)
-    tmp_paths = {m: out / "omics" / f"{m}.csv.tmp" for m in MODALITIES}
-    handles = {m: open(tmp_paths[m], "w") for m in MODALITIES}
     fmts = {"rna": "%.4f", "dnam": "%.4f", "cnv": "%.1f"}
     n_patches = 0
-    try:
+    with contextlib.ExitStack() as stack:  # the CSVs appear (renamed into place) only once complete
+        handles = {m: stack.enter_context(open(stack.enter_context(replacing(out / "omics" / f"{m}.csv")), "w"))
+                   for m in MODALITIES}
         for m in MODALITIES:
             handles[m].write("submitter_id," + ",".join(mods[m]["columns"]) + "\n")
         for i, pat in enumerate(tqdm(patients, desc="synthetic cohort", disable=not progress)):
@@ -407,12 +400,8 @@ def write_synthetic_cohort(out_dir, n_patients=500, seed=0, *, n_projects=4,
                     row = _omics_row(m, mods[m], pat["z"], m_rng, nan_fraction)
                     row = row - rna_mean if m == "rna" else row
                     handles[m].write(_fmt_row(pat["sid"], row, fmts[m]))
-    finally:
-        for h in handles.values():
-            h.close()
     for m in MODALITIES:
-        os.replace(tmp_paths[m], out / "omics" / f"{m}.csv")
-        _atomic_text(out / "mappings" / f"{m}.json", json.dumps(mods[m]["mapping"], indent=1))
+        write_json(out / "mappings" / f"{m}.json", mods[m]["mapping"])
 
     z = np.stack([p["z"] for p in patients])
     t_event = np.array([p["t_event"] for p in patients])
@@ -434,10 +423,9 @@ def write_synthetic_cohort(out_dir, n_patients=500, seed=0, *, n_projects=4,
     for m in MODALITIES:
         truth[f"{m}_features"] = mods[m]["columns"].astype(str)
         truth[f"{m}_loadings"] = mods[m]["loadings"]
-    with open(out / "truth.npz.tmp", "wb") as f:
+    with replacing(out / "truth.npz") as tmp, open(tmp, "wb") as f:
         np.savez(f, **truth)
-    os.replace(out / "truth.npz.tmp", out / "truth.npz")
-    _atomic_text(out / "metadata.csv", meta.to_csv(index=False))
+    write_csv(out / "metadata.csv", meta)
 
     return dict(
         out_dir=str(out), metadata=str(out / "metadata.csv"), features_dir=str(out / "features"),

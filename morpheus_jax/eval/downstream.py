@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from morpheus_jax.atomic import replacing, save_figure, write_csv, write_json
 from morpheus_jax.data import pipeline, records as rec
 from morpheus_jax.eval.metrics import THRESHOLDS, pearson_per_feature
 
@@ -174,8 +175,9 @@ def run_embed(checkpoint, dataset, out, *, modalities: str = WSI, split: str = "
     ids = [r["submitter_id"] for r in recs]
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npz":
-        np.savez(out, submitter_id=np.asarray(ids), project_id=np.asarray([r["project_id"] for r in recs]),
-                 split=np.asarray([r["split"] for r in recs]), embedding=z, modalities=np.asarray(inputs.label))
+        with replacing(out) as tmp, open(tmp, "wb") as f:
+            np.savez(f, submitter_id=np.asarray(ids), project_id=np.asarray([r["project_id"] for r in recs]),
+                     split=np.asarray([r["split"] for r in recs]), embedding=z, modalities=np.asarray(inputs.label))
     else:
         import pandas as pd
         try:
@@ -187,7 +189,8 @@ def run_embed(checkpoint, dataset, out, *, modalities: str = WSI, split: str = "
         frame.insert(0, "split", [r["split"] for r in recs])
         frame.insert(0, "project_id", [r["project_id"] for r in recs])
         frame.insert(0, "submitter_id", ids)
-        frame.to_parquet(out, index=False)
+        with replacing(out) as tmp:
+            frame.to_parquet(tmp, index=False)
     log(f"wrote {out}: {len(ids)} patients × {z.shape[1]} dims, inputs {inputs.label}, step {model.step}")
     return {"patients": len(ids), "dims": int(z.shape[1]), "inputs": inputs.label, "out": str(out)}
 
@@ -236,7 +239,7 @@ def run_generate(checkpoint, dataset, target: str, out, *, sources: str = WSI, s
     frame.insert(0, "submitter_id", [r["submitter_id"] for r in recs])
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out, index=False, float_format="%.6g")
+    write_csv(out, frame, float_format="%.6g")
     log(f"wrote {out}: {target} ({pred.shape[1]} features) for {len(recs)} patients from {inputs.label}")
     return {"patients": len(recs), "features": int(pred.shape[1]), "inputs": inputs.label, "out": str(out)}
 
@@ -304,10 +307,8 @@ def reconstruction_plot(rows: list[dict], thresholds: Sequence[float], out: Path
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = out.with_name(out.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    save_figure(fig, out)
     plt.close(fig)
-    os.replace(tmp, out)
 
 
 def binary_groups(values: list, column: str) -> tuple[np.ndarray, list]:
@@ -326,8 +327,6 @@ def run_reconstruction(checkpoint, dataset, target: str, out_dir, *, split: str 
     """Generate ``target`` from WSI alone and WSI + each subset of the other omics; write
     ``reconstruction.csv`` (one row per combination), ``per_feature_r.csv``,
     ``reconstruction.png`` and ``reconstruction.json`` into ``out_dir``."""
-    import json
-
     import pandas as pd
 
     model = _model(checkpoint)
@@ -359,12 +358,12 @@ def run_reconstruction(checkpoint, dataset, target: str, out_dir, *, split: str 
             f"{truth.std(0).max():.3f}); lower --min-std")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_csv(out_dir / "reconstruction.csv", index=False, float_format="%.6g")
+    write_csv(out_dir / "reconstruction.csv", pd.DataFrame(rows), float_format="%.6g")
     names = np.asarray(model.feature_names[target])[keep]
     per_feature = pd.DataFrame(rs.T if rs.size else np.zeros((0, len(rows))), columns=[r["inputs"] for r in rows])
     per_feature.insert(0, "feature", names)
     per_feature.insert(1, "std", truth.std(0)[keep])
-    per_feature.to_csv(out_dir / "per_feature_r.csv", index=False, float_format="%.6g")
+    write_csv(out_dir / "per_feature_r.csv", per_feature, float_format="%.6g")
     title = (f"{target} generated on {len(recs)} {split} patients, {int(keep.sum())} features with std > {min_std:g} "
              f"(step {model.step})")
     reconstruction_plot(rows, thresholds, out_dir / "reconstruction.png", title)
@@ -372,8 +371,7 @@ def run_reconstruction(checkpoint, dataset, target: str, out_dir, *, split: str 
               "features": int(keep.sum()), "thresholds": list(thresholds), "step": model.step, "rows": rows}
     if group_column:
         report.update(group_column=group_column, group_levels=levels, group_sizes=[int((~group).sum()), int(group.sum())])
-    with open(out_dir / "reconstruction.json", "w") as f:
-        json.dump(report, f, indent=1)
+    write_json(out_dir / "reconstruction.json", report)
     for row in rows:
         extra = (f"; {row['diff_significant']} features differ by {group_column}, sign reproduced for "
                  f"{row['diff_sign_agreement']:.1%}") if group_column else ""

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from morpheus_jax.atomic import save_figure
 
 
 def _pyplot():
@@ -42,9 +43,5 @@ def loss_plot(metrics_path: str | Path, out: str | Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    save_figure(fig, out)
     plt.close(fig)
-    os.replace(tmp, out)

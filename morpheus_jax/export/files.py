@@ -16,6 +16,8 @@ from typing import Any, Mapping
 import ml_dtypes
 import numpy as np
 
+from morpheus_jax.atomic import replacing, write_json
+
 SUFFIXES = (".safetensors", ".pt", ".pth")
 DTYPES = ("float32", "bfloat16")
 
@@ -36,17 +38,6 @@ def check_suffix(path: str | os.PathLike) -> str:
     return suffix
 
 
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def write_weights(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray], sidecar: Mapping[str, Any] | None,
                   *, dtype: str = "float32") -> Path:
     """Write ``state_dict`` (NumPy float32) as ``dtype`` to ``path`` and ``sidecar`` to ``path.json``."""
@@ -59,16 +50,17 @@ def write_weights(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray],
     if suffix == ".safetensors":
         from safetensors.numpy import save_file
 
-        _atomic(path, lambda tmp: save_file(arrays, str(tmp), metadata={"format": "pt"}))
+        with replacing(path) as tmp:
+            save_file(arrays, str(tmp), metadata={"format": "pt"})
     else:
         import torch
 
         tensors = {k: torch.from_numpy(np.array(v, np.float32)).to(getattr(torch, dtype)).contiguous()
                    for k, v in state_dict.items()}
-        _atomic(path, lambda tmp: torch.save(tensors, tmp))
+        with replacing(path) as tmp:
+            torch.save(tensors, tmp)
     if sidecar is not None:
-        text = json.dumps(sidecar, indent=1)
-        _atomic(sidecar_path(path), lambda tmp: tmp.write_text(text))
+        write_json(sidecar_path(path), sidecar)
     return path
 
 

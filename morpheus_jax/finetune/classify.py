@@ -23,7 +23,8 @@ import numpy as np
 
 from morpheus_jax.eval.classification import balanced_accuracy, roc_auc, softmax
 from morpheus_jax.eval.downstream import DownstreamError, Log
-from morpheus_jax.finetune.cohort import open_cohort, summary_stats, write_json
+from morpheus_jax.atomic import write_csv, write_json
+from morpheus_jax.finetune.cohort import open_cohort, summary_stats
 from morpheus_jax.finetune.data import few_shot_draw, stratified_folds
 from morpheus_jax.finetune.linear_probe import LogisticRegression
 from morpheus_jax.finetune.trainer import Finetuner, FinetuneSettings
@@ -104,7 +105,7 @@ def run_classify(checkpoint: str | os.PathLike, dataset: str | os.PathLike, out_
             f"({train.size} train, {test.size} test; {time.perf_counter() - t0:.1f} s)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pd.concat(frames).to_csv(out_dir / "predictions.csv", index=False, float_format="%.6g")
+    write_csv(out_dir / "predictions.csv", pd.concat(frames), float_format="%.6g")
     auc_mean, auc_std = summary_stats(aucs)
     bacc_mean, bacc_std = summary_stats(baccs)
     results = {"task": task, "method": method, "mode": mode, "modalities": cohort.inputs.label, "split": split,

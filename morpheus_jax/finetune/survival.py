@@ -18,7 +18,8 @@ import numpy as np
 from morpheus_jax.eval.downstream import DownstreamError, Log
 from morpheus_jax.eval.survival import (bin_index, concordance_index_censored, event_from_censorship,
                                         logistic_hazard_nll, quantile_cuts)
-from morpheus_jax.finetune.cohort import numeric, open_cohort, summary_stats, write_json
+from morpheus_jax.atomic import write_csv, write_json
+from morpheus_jax.finetune.cohort import numeric, open_cohort, summary_stats
 from morpheus_jax.finetune.data import stratified_folds
 from morpheus_jax.finetune.trainer import Finetuner, FinetuneSettings
 
@@ -69,8 +70,8 @@ def run_survival(checkpoint: str | os.PathLike, dataset: str | os.PathLike, out_
             f"train loss {history[0]:.3f} → {history[-1]:.3f} ({time.perf_counter() - t0:.1f} s)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame({"submitter_id": cohort.ids, "fold": fold_of, "risk": risk, "time": times, "event": event}).to_csv(
-        out_dir / "predictions.csv", index=False, float_format="%.6g")
+    write_csv(out_dir / "predictions.csv", pd.DataFrame({"submitter_id": cohort.ids, "fold": fold_of, "risk": risk,
+                                                        "time": times, "event": event}), float_format="%.6g")
     mean, std = summary_stats(per_fold)
     results = {"task": "survival", "method": method, "modalities": cohort.inputs.label, "split": split,
                "checkpoint": str(cohort.ckpt.step_dir), "step": cohort.ckpt.step, "patients": len(cohort.records),

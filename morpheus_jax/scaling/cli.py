@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+from morpheus_jax.atomic import write_json
 from morpheus_jax.cli import add_config_flags, user_errors
 
 
@@ -65,7 +66,7 @@ def cmd_fit(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sw.write_table(rows, out / "table.csv")
-    (out / "fit.json").write_text(json.dumps(report, indent=1))
+    write_json(out / "fit.json", report)
     written = [out / "fit.json", out / "table.csv"]
     if not args.no_plots:
         law = ft.Law(report["E"], report["A"], report["B"], report["alpha"], report["beta"])

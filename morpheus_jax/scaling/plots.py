@@ -3,11 +3,11 @@ the fitted law, and the compute-optimal parameters and samples against the budge
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
+from morpheus_jax.atomic import save_figure
 from morpheus_jax.scaling.fit import ComputeRelation, Law, optimal_allocation
 
 
@@ -16,15 +16,6 @@ def _pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
-
-
-def _save(fig, out: str | Path) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, out)
-    return out
 
 
 def _si(x: float) -> str:
@@ -80,7 +71,7 @@ def loss_vs_compute(rows: list[dict], law: Law, relation: ComputeRelation, out: 
     ax.legend(fontsize=8)
     fig.tight_layout()
     try:
-        return _save(fig, out)
+        return save_figure(fig, out)
     finally:
         plt.close(fig)
 
@@ -115,6 +106,6 @@ def optimal_allocation_plot(law: Law, relation: ComputeRelation, out: str | Path
                  f"N_opt ∝ C^{exp_n:.2f}, D_opt ∝ C^{1 - relation.gamma * exp_n:.2f}", fontsize=10)
     fig.tight_layout()
     try:
-        return _save(fig, out)
+        return save_figure(fig, out)
     finally:
         plt.close(fig)

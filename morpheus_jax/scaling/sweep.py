@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from morpheus_jax.atomic import replacing, write_json
 from morpheus_jax.config import Config, from_dict
 from morpheus_jax.scaling import flops as fl
 from morpheus_jax.scaling.ladder import (Ladder, LadderError, dataset_layouts, expand, launch_command,
@@ -37,13 +38,6 @@ def scaling_info(cfg: Config, layouts) -> dict:
             "params_stored": pc["stored"], "flops_per_step": sf["useful"], "flops_per_step_executed": sf["executed"],
             "flops_per_sample": sf["per_sample"], "batch": cfg.train.global_batch_size,
             "encoder_tokens": sf["encoder_tokens"]}
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
 
 
 # -- planning --------------------------------------------------------------------------------------------
@@ -124,7 +118,7 @@ def run_local(ladder: Ladder, rows: list[dict], *, subprocesses: bool = False, p
         verb = "resuming" if r["status"] == "interrupted" else "starting"
         echo(f"[{i}/{len(todo)}] {verb} {run.name} ({r['steps']} steps) in {run.run_dir}")
         if r["layouts"] is not None:
-            _write_json(Path(run.run_dir) / SCALING_JSON, {"run": run.name, "overrides": run.overrides,
+            write_json(Path(run.run_dir) / SCALING_JSON, {"run": run.name, "overrides": run.overrides,
                                                            **scaling_info(cfg, r["layouts"])})
         t0 = time.perf_counter()
         try:
@@ -249,11 +243,9 @@ def collect(runs_dir: str | Path, group_sizes: str | Path | None = None) -> list
 
 
 def write_table(rows: list[dict], path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     cols = [c for c in TABLE_COLUMNS if any(c in r for r in rows)]
     cols += sorted({k for r in rows for k in r} - set(cols))
-    with open(path, "w", newline="") as f:
+    with replacing(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         for r in rows:

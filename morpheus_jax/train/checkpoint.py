@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import grain
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocm
 
 log = logging.getLogger("morpheus_jax")
@@ -57,35 +61,81 @@ class Checkpointer:
         if this checkpoint was written by a different number of processes, it is left for
         the caller to reposition (see `pretrain`)."""
         items = {"state": ocp.args.StandardRestore(abstract_state)}
-        data_ok = data_iter is not None and self._has_data_for_this_process(step)
+        data_ok = data_iter is not None and self._data_path(step).exists()
         if data_ok:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"], data_ok
 
-    def _has_data_for_this_process(self, step: int) -> bool:
-        import jax
-        path = self.directory / str(step) / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-        return path.exists()
+    def _data_path(self, step: int) -> Path:
+        return self.directory / str(step) / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+    def _data_problem(self, step: int) -> str | None:
+        """Why this process's data-iterator state in ``step`` is unreadable, if it is."""
+        path = self._data_path(step)
+        try:
+            if path.exists():
+                json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            return f"{path.name}: {type(e).__name__}"
+        return None
 
     def restore_latest(self, abstract_state: dict, data_iter=None, check=None) -> tuple[int, dict, bool] | None:
         """The newest checkpoint that restores; unreadable or corrupted ones are skipped with
         a warning. ``check(step_dir)`` may raise to refuse a checkpoint outright (an
-        incompatible config). Returns (step, state, data restored) or None."""
+        incompatible config). Returns (step, state, data restored) or None.
+
+        In a multi-process job each process has its own data-iterator state file, so one
+        may be damaged where the others are not: the processes first agree that every one
+        of them can read its file, or they would resume from different steps. (Orbax's
+        restore of the arrays is itself collective: a failure there is everyone's.)
+        Skipped checkpoints are renamed ``<step>.damaged`` (kept for inspection), so the
+        run can save those steps again."""
+        damaged: list[int] = []
+        try:
+            return self._restore_newest_good(abstract_state, data_iter, check, damaged)
+        finally:
+            self._set_aside(damaged)
+
+    def _restore_newest_good(self, abstract_state, data_iter, check, damaged: list[int]):
         for step in reversed(self.steps()):
             step_dir = self.directory / str(step)
             if check is not None:
                 check(step_dir)
+            problem = self._data_problem(step) if data_iter is not None else None
+            failed = _failed_processes(problem is not None)
+            if failed:
+                detail = problem or f"unreadable in process(es) {', '.join(map(str, failed))}"
+                print(f"warning: checkpoint {step_dir} is incomplete or corrupted ({detail}); "
+                      "trying the previous one", flush=True)
+                damaged.append(step)
+                continue
             try:
                 state, data_ok = self.restore(step, abstract_state, data_iter)
             except Exception as e:  # noqa: BLE001 — any failure to read means "not a good checkpoint"
-                log.warning("checkpoint %s is incomplete or corrupted (%s: %s); trying the previous one",
-                            step_dir, type(e).__name__, str(e).splitlines()[0][:200])
+                log.warning("checkpoint %s does not restore (%s: %s)", step_dir, type(e).__name__, str(e)[:300])
                 print(f"warning: checkpoint {step_dir} is incomplete or corrupted "
                       f"({type(e).__name__}); trying the previous one", flush=True)
+                damaged.append(step)
                 continue
             return step, state, data_ok
         return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            for step in steps:
+                src, n = self.directory / str(step), 0
+                dst = src.with_name(f"{step}.damaged")
+                while dst.exists():
+                    n += 1
+                    dst = src.with_name(f"{step}.damaged-{n}")
+                os.replace(src, dst)
+                print(f"warning: moved {src} to {dst.name}", flush=True)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("morpheus:damaged checkpoints set aside")
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -93,6 +143,14 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _failed_processes(failed_here: bool) -> list[int]:
+    """Indices of the processes that report a failure (collective over all processes)."""
+    if jax.process_count() == 1:
+        return [0] if failed_here else []
+    flags = np.asarray(multihost_utils.process_allgather(np.array([failed_here], np.int32))).reshape(-1)
+    return [int(i) for i in np.flatnonzero(flags)]
 
 
 def read_spec(step_dir: str | Path) -> dict[str, Any]:

@@ -24,9 +24,9 @@ import jax
 from tqdm.auto import tqdm
 
 from morpheus_jax import sharding as shd
+from morpheus_jax.atomic import write_json, write_text
 from morpheus_jax.config import Config, IncompatibleCheckpoint, from_dict, model_config_diff, save_config
 from morpheus_jax.data import pipeline
-from morpheus_jax.data.records import write_json_atomic
 from morpheus_jax.eval.plots import loss_plot, read_jsonl
 from morpheus_jax.eval.validation import Evaluator, reconstruction_report
 from morpheus_jax.train.checkpoint import Checkpointer, checkpoint_dir, read_spec
@@ -76,11 +76,7 @@ def _append_jsonl(path: Path, row: dict) -> None:
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop rows past ``step`` (a resumed run rewrites them)."""
     rows = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    tmp.replace(path)
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _refuse_incompatible(cfg: Config):
@@ -116,10 +112,15 @@ def pretrain(cfg: Config, *, progress: bool = True) -> dict:
             data_iter.set_state({"next_index": start})
             log(f"data stream repositioned at global batch {start} (checkpoint written by another process count)")
         log(f"resumed from {ckpt.directory / str(restored[0])} at step {start}")
-    save_config(cfg, run_dir / "config.yaml")
     table = shd.describe(run.codec.names, run.codec.shapes, run.param_shardings)
-    if jax.process_index() == 0:
-        (run_dir / "parameters.txt").write_text(table + "\n")
+    metrics_path = run_dir / "metrics.jsonl"
+    if jax.process_index() == 0:  # run-folder files have one writer
+        save_config(cfg, run_dir / "config.yaml")
+        write_text(run_dir / "parameters.txt", table + "\n")
+        if start == 0:
+            metrics_path.unlink(missing_ok=True)
+        elif metrics_path.exists():
+            _truncate_metrics(metrics_path, start)
     n_params = sum(math.prod(s) for s in run.codec.shapes.values())
     log(f"model: {n_params / 1e6:.2f}M stored parameters; {steps} steps of {gbs} ({run.steps_per_epoch} "
         f"steps/epoch over {run.num_train} patients); mesh {dict(mesh.shape)} on {jax.process_count()} process(es)")
@@ -134,11 +135,6 @@ def pretrain(cfg: Config, *, progress: bool = True) -> dict:
     device_kind = jax.devices()[0].device_kind
     log(scaling_flops.summary(flops_info, param_info))
 
-    metrics_path = run_dir / "metrics.jsonl"
-    if start == 0 and metrics_path.exists():
-        metrics_path.unlink()
-    elif metrics_path.exists():
-        _truncate_metrics(metrics_path, start)
     evaluator = Evaluator(cfg, run.root, run.manifest, run.codec, run.layouts, mesh)
     from tensorboardX import SummaryWriter
     tb = SummaryWriter(str(run_dir / "tensorboard")) if jax.process_index() == 0 else None
@@ -215,7 +211,7 @@ def pretrain(cfg: Config, *, progress: bool = True) -> dict:
                                                   "encoder_tokens")}
     report["samples"] = step * gbs
     if jax.process_index() == 0:
-        write_json_atomic(run_dir / "final.json", report)
+        write_json(run_dir / "final.json", report)
     rows = read_jsonl(metrics_path)
     first_val = next((r["val_loss"] for r in rows if "val_loss" in r), None)
     if "val_loss" in report:

@@ -1,0 +1,64 @@
+"""Atomic file writes.
+
+Every file the package writes goes through `replacing`: the content is written to a temp
+file next to the target and renamed onto it, so a reader (or a resumed run) sees the old
+file or the new one, never half of one, and a crash leaves no partial output. Temp names
+are unique per process and call, so the processes of one multi-host job (or two jobs)
+writing the same path never collide on the temp file; the last rename wins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def temp_path(path: str | os.PathLike) -> Path:
+    """A fresh hidden sibling of ``path`` (``.NAME.tmp-PID-RANDOM``): never matched by a
+    ``*.SUFFIX`` glob over the folder, so a crash's leftover is not mistaken for output."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path to write; on normal exit rename it onto ``path`` (creating the
+    parent folder), on an exception remove it and leave ``path`` as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    with replacing(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    return write_text(path, json.dumps(data, indent=1))
+
+
+def write_csv(path: str | os.PathLike, frame, **to_csv_kwargs) -> Path:
+    """A pandas DataFrame as CSV (``index=False`` unless given)."""
+    to_csv_kwargs.setdefault("index", False)
+    with replacing(path) as tmp:
+        frame.to_csv(tmp, **to_csv_kwargs)
+    return Path(path)
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """A Matplotlib figure, in the format its suffix names."""
+    path = Path(path)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
+    return path
