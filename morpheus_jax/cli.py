@@ -91,8 +91,7 @@ def cmd_pretrain(args) -> int:
     from morpheus_jax import distributed
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     from morpheus_jax.train.loop import pretrain
-    with distributed.fail_fast("morpheus pretrain", user_errors()):
-        report = pretrain(cfg, progress=not args.no_progress)
+    report = pretrain(cfg, progress=not args.no_progress)
     return 0 if report else 1
 
 
@@ -169,10 +168,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.fn(args)
+        code = args.fn(args)
     except user_errors() as e:
         print(f"morpheus {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        code = 2
+    except BaseException:
+        _leave_failed_job(1, args.command, print_traceback=True)
+        raise
+    if code:
+        _leave_failed_job(code, args.command)
+    return code
+
+
+def _leave_failed_job(code: int, command: str, *, print_traceback: bool = False) -> None:
+    """In a multi-process job, a failed process leaves at once (`distributed.leave_job`)."""
+    if "jax" in sys.modules:  # else JAX never started: not part of a job
+        from morpheus_jax.distributed import leave_job
+        leave_job(code, f"morpheus {command}", print_traceback=print_traceback)
 
 
 if __name__ == "__main__":

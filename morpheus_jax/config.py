@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from morpheus_jax.atomic import write_text
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -312,7 +314,6 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Atomic write of the resolved config as YAML."""
-    from morpheus_jax.atomic import write_text
     write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 

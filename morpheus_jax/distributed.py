@@ -7,11 +7,9 @@ into one mesh. `initialize` must run before anything touches a device.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import traceback
-from typing import Iterator
 
 import jax
 
@@ -47,36 +45,24 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     return False
 
 
-@contextlib.contextmanager
-def fail_fast(prefix: str, user_errors: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
-    """In a multi-process job, a process whose work raises exits at once, without JAX's
-    shutdown barrier.
+def leave_job(code: int, prefix: str, *, print_traceback: bool = False) -> None:
+    """End this process of a failed multi-process job now (``os._exit(code)``), without
+    JAX's shutdown barrier; does nothing outside ``jax.distributed``.
 
     Exiting normally would wait up to five minutes at that barrier for peers that are
     themselves blocked in a collective waiting for this process: the job would hang, then
-    die with a coordination-service abort that hides the real error. Here the error is
-    printed (one line ``PREFIX: error: …`` for ``user_errors``, else a traceback) and the
-    process leaves with ``os._exit``; the others stop as soon as the coordination service
-    notices (at once if this is process 0, which hosts it; within the heartbeat timeout
-    otherwise; a launcher that kills the rest on the first failure, as ``launch/local.sh``
-    and ``srun --kill-on-bad-exit`` do, is quicker). Single-process runs are unaffected:
-    exceptions propagate."""
-    if jax.process_count() == 1:
-        yield
+    die with a coordination-service abort that hides the real error. After ``os._exit``
+    the others stop as soon as the coordination service notices (at once if this is
+    process 0, which hosts it; within the heartbeat timeout otherwise), or sooner when the
+    launcher kills the rest on the first failure (``launch/local.sh``, ``srun
+    --kill-on-bad-exit``). The caller has printed the error, or it is the exception being
+    handled (``print_traceback``)."""
+    if not jax.distributed.is_initialized():
         return
-    try:
-        yield
-    except BaseException as e:  # noqa: BLE001 - every failure must leave the same way
-        if isinstance(e, user_errors):
-            print(f"{prefix}: error: {e}", file=sys.stderr)
-            code = 2
-        elif isinstance(e, SystemExit):
-            code = e.code if isinstance(e.code, int) else 1
-        else:
-            traceback.print_exc()
-            code = 1
-        print(f"{prefix}: process {jax.process_index()} of {jax.process_count()} failed; leaving the job",
-              file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    if print_traceback:
+        traceback.print_exc()
+    print(f"{prefix}: process {jax.process_index()} of {jax.process_count()} failed; leaving the job",
+          file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -262,7 +262,6 @@ def write_shard(task: ShardTask) -> dict:
         "patches": {"path": str(final_patch.relative_to(root)), "sha256": rec.sha256_tree(final_patch)},
     }
     marker = _marker_path(root, task.split, task.shard)
-    marker.parent.mkdir(parents=True, exist_ok=True)
     write_json(marker, {"plan_hash": task.plan_hash, "entry": entry})
     return entry
 

@@ -387,8 +387,8 @@ def write_synthetic_cohort(out_dir, n_patients=500, seed=0, *, n_projects=4,
     fmts = {"rna": "%.4f", "dnam": "%.4f", "cnv": "%.1f"}
     n_patches = 0
     with contextlib.ExitStack() as stack:  # the CSVs appear (renamed into place) only once complete
-        handles = {m: stack.enter_context(open(stack.enter_context(replacing(out / "omics" / f"{m}.csv")), "w"))
-                   for m in MODALITIES}
+        tmps = {m: stack.enter_context(replacing(out / "omics" / f"{m}.csv")) for m in MODALITIES}
+        handles = {m: stack.enter_context(open(tmps[m], "w")) for m in MODALITIES}
         for m in MODALITIES:
             handles[m].write("submitter_id," + ",".join(mods[m]["columns"]) + "\n")
         for i, pat in enumerate(tqdm(patients, desc="synthetic cohort", disable=not progress)):

@@ -173,7 +173,6 @@ def run_embed(checkpoint, dataset, out, *, modalities: str = WSI, split: str = "
     recs = keep_available(split_records(root, manifest, split), inputs, log)
     z = embed(model, root, recs, inputs, batch_size=batch_size)
     ids = [r["submitter_id"] for r in recs]
-    out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npz":
         with replacing(out) as tmp, open(tmp, "wb") as f:
             np.savez(f, submitter_id=np.asarray(ids), project_id=np.asarray([r["project_id"] for r in recs]),
@@ -238,7 +237,6 @@ def run_generate(checkpoint, dataset, target: str, out, *, sources: str = WSI, s
     frame = pd.DataFrame(pred, columns=model.feature_names[target])
     frame.insert(0, "submitter_id", [r["submitter_id"] for r in recs])
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_csv(out, frame, float_format="%.6g")
     log(f"wrote {out}: {target} ({pred.shape[1]} features) for {len(recs)} patients from {inputs.label}")
     return {"patients": len(recs), "features": int(pred.shape[1]), "inputs": inputs.label, "out": str(out)}
@@ -357,7 +355,6 @@ def run_reconstruction(checkpoint, dataset, target: str, out_dir, *, split: str 
         log(f"no {target} feature has std > {min_std:g} over these {len(recs)} patients (largest "
             f"{truth.std(0).max():.3f}); lower --min-std")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(out_dir / "reconstruction.csv", pd.DataFrame(rows), float_format="%.6g")
     names = np.asarray(model.feature_names[target])[keep]
     per_feature = pd.DataFrame(rs.T if rs.size else np.zeros((0, len(rows))), columns=[r["inputs"] for r in rows])

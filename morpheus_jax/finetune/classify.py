@@ -104,7 +104,6 @@ def run_classify(checkpoint: str | os.PathLike, dataset: str | os.PathLike, out_
         log(f"{unit} {i + 1}/{len(parts)}: ROC AUC {aucs[-1]:.3f}, balanced accuracy {baccs[-1]:.3f} "
             f"({train.size} train, {test.size} test; {time.perf_counter() - t0:.1f} s)")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(out_dir / "predictions.csv", pd.concat(frames), float_format="%.6g")
     auc_mean, auc_std = summary_stats(aucs)
     bacc_mean, bacc_std = summary_stats(baccs)

@@ -69,7 +69,6 @@ def run_survival(checkpoint: str | os.PathLike, dataset: str | os.PathLike, out_
         log(f"fold {k + 1}/{folds}: c-index {c:.3f} on {test.size} patients ({int(event[test].sum())} events); "
             f"train loss {history[0]:.3f} → {history[-1]:.3f} ({time.perf_counter() - t0:.1f} s)")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(out_dir / "predictions.csv", pd.DataFrame({"submitter_id": cohort.ids, "fold": fold_of, "risk": risk,
                                                         "time": times, "event": event}), float_format="%.6g")
     mean, std = summary_stats(per_fold)

@@ -64,7 +64,6 @@ def cmd_fit(args) -> int:
         print(f"morpheus scaling fit: error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     sw.write_table(rows, out / "table.csv")
     write_json(out / "fit.json", report)
     written = [out / "fit.json", out / "table.csv"]

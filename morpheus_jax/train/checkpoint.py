@@ -91,13 +91,6 @@ class Checkpointer:
         restore of the arrays is itself collective: a failure there is everyone's.)
         Skipped checkpoints are renamed ``<step>.damaged`` (kept for inspection), so the
         run can save those steps again."""
-        damaged: list[int] = []
-        try:
-            return self._restore_newest_good(abstract_state, data_iter, check, damaged)
-        finally:
-            self._set_aside(damaged)
-
-    def _restore_newest_good(self, abstract_state, data_iter, check, damaged: list[int]):
         for step in reversed(self.steps()):
             step_dir = self.directory / str(step)
             if check is not None:
@@ -105,36 +98,31 @@ class Checkpointer:
             problem = self._data_problem(step) if data_iter is not None else None
             failed = _failed_processes(problem is not None)
             if failed:
-                detail = problem or f"unreadable in process(es) {', '.join(map(str, failed))}"
-                print(f"warning: checkpoint {step_dir} is incomplete or corrupted ({detail}); "
-                      "trying the previous one", flush=True)
-                damaged.append(step)
+                self._set_aside(step, problem or f"unreadable in process(es) {', '.join(map(str, failed))}")
                 continue
             try:
                 state, data_ok = self.restore(step, abstract_state, data_iter)
             except Exception as e:  # noqa: BLE001 — any failure to read means "not a good checkpoint"
                 log.warning("checkpoint %s does not restore (%s: %s)", step_dir, type(e).__name__, str(e)[:300])
-                print(f"warning: checkpoint {step_dir} is incomplete or corrupted "
-                      f"({type(e).__name__}); trying the previous one", flush=True)
-                damaged.append(step)
+                self._set_aside(step, type(e).__name__)
                 continue
             return step, state, data_ok
         return None
 
-    def _set_aside(self, steps: list[int]) -> None:
-        if not steps:
-            return
+    def _set_aside(self, step: int, why: str) -> None:
+        """Warn, rename ``<step>`` to ``<step>.damaged`` (process 0; every process calls
+        this for the same steps) and drop it from the manager's step list."""
+        src = self.directory / str(step)
+        print(f"warning: checkpoint {src} is incomplete or corrupted ({why}); trying the previous one", flush=True)
         if jax.process_index() == 0:
-            for step in steps:
-                src, n = self.directory / str(step), 0
-                dst = src.with_name(f"{step}.damaged")
-                while dst.exists():
-                    n += 1
-                    dst = src.with_name(f"{step}.damaged-{n}")
-                os.replace(src, dst)
-                print(f"warning: moved {src} to {dst.name}", flush=True)
+            dst, n = src.with_name(f"{step}.damaged"), 0
+            while dst.exists():
+                n += 1
+                dst = src.with_name(f"{step}.damaged-{n}")
+            os.replace(src, dst)
+            print(f"warning: moved {src} to {dst.name}", flush=True)
         if jax.process_count() > 1:
-            multihost_utils.sync_global_devices("morpheus:damaged checkpoints set aside")
+            multihost_utils.sync_global_devices("morpheus:damaged checkpoint set aside")
         self.manager.reload()
 
     def wait(self) -> None:
