@@ -78,7 +78,7 @@ def _cohort(work: Path, patients: int, patches: int) -> tuple[Path, Path, list[d
         shutil.rmtree(raw, ignore_errors=True)
         print(f"writing {patients} patients with ~{patches} patches each into {raw} …", file=sys.stderr)
         # TCGA-like: float32 HDF5 bags of ~10k patches, the paper's 3 x 50 omics groups.
-        sizes = json.loads((Path(__file__).resolve().parent.parent / "tests" / "fixtures" /
+        sizes = json.loads((Path(__file__).resolve().parent.parent / "morpheus_jax" / "configs" /
                             "paper_group_sizes.json").read_text())
         write_synthetic_cohort(raw, n_patients=patients, seed=0, mean_patches_per_slide=int(patches / 1.25),
                                group_sizes={m: v["sizes"] for m, v in sizes.items()},

@@ -36,10 +36,11 @@ def main(argv=None) -> dict:
 
     import jax
     from loader import _cohort
-    from morpheus_jax import sharding as shd
-    from morpheus_jax.config import load_config
+
+    from morpheus_jax.core import sharding as shd
+    from morpheus_jax.core.config import load_config
     from morpheus_jax.data import pipeline
-    from morpheus_jax.train.setup import build_run
+    from morpheus_jax.engine.run import build_run
 
     _, ds_dir, _ = _cohort(Path(args.work), 48, 10000)
     cfg = load_config("paper", [f"data.dir={ds_dir}", "run_dir=/tmp/morpheus-pipeline-bench", "mesh.data=1",

@@ -1,12 +1,12 @@
 """Training-step throughput at the paper's shapes: our JAX step beside a PyTorch eager step.
 
 Paper shapes: H = 256, 1 encoder layer, 1 decoder layer per modality, 8 heads, 16
-prototypes, 1024 patches x 1536, the paper's group sizes (tests/fixtures), float32,
+prototypes, 1024 patches x 1536, the paper's group sizes (morpheus_jax/configs/paper_group_sizes.json), float32,
 encoder dropout 0.15, AdamW. Measured in one run:
 
   jax     the step `morpheus pretrain` runs (masking, forward, loss, gradients, AdamW in one
           compiled program): median step time after compile, samples/s, compile time,
-          memory, analytic FLOPs (useful / executed, `morpheus_jax.scaling.flops`) and
+          memory, analytic FLOPs (useful / executed, `morpheus_jax.model.flops`) and
           XLA's `cost_analysis` count, achieved FLOP/s
   matmul  this machine's float32 matmul rate (a large `jnp.dot`), and the ratio of the
           step's achieved FLOP/s to it
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "paper_group_sizes.json"
+FIXTURE = Path(__file__).resolve().parent.parent / "morpheus_jax" / "configs" / "paper_group_sizes.json"
 
 
 def paper_groups() -> dict[str, dict[str, list[str]]]:
@@ -65,18 +65,19 @@ def jax_step(args, groups) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from morpheus_jax.config import ModelConfig, TrainConfig
+    from morpheus_jax.core.config import ModelConfig, TrainConfig
+    from morpheus_jax.core.spec import GroupLayout
     from morpheus_jax.data.raw import canonical_features
+    from morpheus_jax.engine import state as st
+    from morpheus_jax.engine.step import make_train_step
+    from morpheus_jax.model.flops import step_flops
     from morpheus_jax.model.morpheus import init_model
-    from morpheus_jax.model.tokenizers import GroupLayout
-    from morpheus_jax.scaling.flops import step_flops
-    from morpheus_jax.train import state as st
-    from morpheus_jax.train.step import make_train_step
+    from morpheus_jax.model.params import ParamCodec
 
     mcfg = ModelConfig(compute_dtype=args.dtype, group_buckets=args.buckets)
     layouts = {m: GroupLayout.from_mapping(g, canonical_features(g), mcfg.group_buckets) for m, g in groups.items()}
     model = init_model(mcfg, layouts, 0)
-    codec = st.ParamCodec(model)
+    codec = ParamCodec(model)
     tcfg = TrainConfig(learning_rate=5e-4, weight_decay=1e-3, warmup_steps=10)
     schedule = st.make_schedule(tcfg, 1000, 100)
     tx = st.make_optimizer(tcfg, schedule)

@@ -22,16 +22,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from morpheus_jax.config import Config
+from morpheus_jax.ckpt.checkpoint import read_checkpoint
+from morpheus_jax.core.config import Config
+from morpheus_jax.core.errors import InputError
+from morpheus_jax.core.spec import GroupLayout
 from morpheus_jax.model.masking import explicit_keep
 from morpheus_jax.model.morpheus import init_model
-from morpheus_jax.model.tokenizers import GroupLayout
-from morpheus_jax.train.state import ParamCodec
+from morpheus_jax.model.params import ParamCodec
 
 
 def load(path: str | os.PathLike) -> "MorpheusModel":
     """A run folder (its latest checkpoint), a ``checkpoints`` folder or one checkpoint step folder."""
-    from morpheus_jax.export.checkpoints import read_checkpoint
 
     ckpt = read_checkpoint(path)
     return MorpheusModel(ckpt.config, ckpt.layouts, ckpt.params, feature_names=ckpt.features, step=ckpt.step)
@@ -65,10 +66,10 @@ class MorpheusModel:
         missing = [n for n in self._codec.names if n not in params]
         extra = [n for n in params if n not in self._codec.shapes]
         if missing or extra:
-            raise ValueError(f"parameters do not fit the config: missing {missing[:5]}, unexpected {extra[:5]}")
+            raise InputError(f"parameters do not fit the config: missing {missing[:5]}, unexpected {extra[:5]}")
         bad = [n for n in self._codec.names if tuple(np.shape(params[n])) != self._codec.shapes[n]]
         if bad:
-            raise ValueError(f"parameter {bad[0]} has shape {list(np.shape(params[bad[0]]))}, "
+            raise InputError(f"parameter {bad[0]} has shape {list(np.shape(params[bad[0]]))}, "
                              f"the config gives {list(self._codec.shapes[bad[0]])}")
         self._params = {n: jnp.asarray(params[n], jnp.float32) for n in self._codec.names}
         self._encode_fn = jax.jit(self._encode_impl)
@@ -106,25 +107,25 @@ class MorpheusModel:
         omics = dict(omics or {})
         unknown = sorted(set(omics) - set(self.modalities))
         if unknown:
-            raise ValueError(f"unknown omics modalities {unknown}; this model has {list(self.modalities)}")
+            raise InputError(f"unknown omics modalities {unknown}; this model has {list(self.modalities)}")
         batch = None
         if wsi is not None:
             wsi = np.asarray(wsi)
             d = self.config.model.wsi_dim
             if wsi.ndim != 3 or wsi.shape[2] != d:
-                raise ValueError(f"wsi must be [B, N, {d}], got {list(wsi.shape)}")
+                raise InputError(f"wsi must be [B, N, {d}], got {list(wsi.shape)}")
             if wsi.shape[1] == 0:
-                raise ValueError("wsi has no patches (N = 0)")
+                raise InputError("wsi has no patches (N = 0)")
             batch, n = wsi.shape[:2]
             mask = np.ones((batch, n), bool) if wsi_mask is None else np.asarray(wsi_mask).astype(bool)
             if mask.shape != (batch, n):
-                raise ValueError(f"wsi_mask must be [{batch}, {n}], got {list(mask.shape)}")
+                raise InputError(f"wsi_mask must be [{batch}, {n}], got {list(mask.shape)}")
             size = _bag_size(n)
             wsi = np.pad(wsi.astype(np.float32), ((0, 0), (0, size - n), (0, 0)))
             mask = np.pad(mask, ((0, 0), (0, size - n)))
             wsi, wsi_mask = jnp.asarray(wsi), jnp.asarray(mask)
         elif wsi_mask is not None:
-            raise ValueError("wsi_mask given without wsi")
+            raise InputError("wsi_mask given without wsi")
         out = {}
         for m in self.modalities:
             if m not in omics:
@@ -132,14 +133,14 @@ class MorpheusModel:
             x = np.asarray(omics[m], np.float32)
             f = self.layouts[m].num_features
             if x.ndim != 2 or x.shape[1] != f:
-                raise ValueError(f"omics[{m!r}] must be [B, {f}] (canonical feature order), got {list(x.shape)}")
+                raise InputError(f"omics[{m!r}] must be [B, {f}] (canonical feature order), got {list(x.shape)}")
             if batch is None:
                 batch = x.shape[0]
             elif x.shape[0] != batch:
-                raise ValueError(f"omics[{m!r}] has batch {x.shape[0]}, wsi has {batch}")
+                raise InputError(f"omics[{m!r}] has batch {x.shape[0]}, wsi has {batch}")
             out[m] = jnp.asarray(x)
         if batch is None:
-            raise ValueError("nothing to encode: give wsi and/or omics")
+            raise InputError("nothing to encode: give wsi and/or omics")
         return wsi, wsi_mask, out, batch
 
     # -- public ----------------------------------------------------------------------------------
@@ -151,9 +152,9 @@ class MorpheusModel:
 
     def _check_target(self, target: str) -> None:
         if not self.has_decoders:
-            raise ValueError("this checkpoint is encoder-only: it has no decoders to generate with")
+            raise InputError("this checkpoint is encoder-only: it has no decoders to generate with")
         if target not in self.modalities:
-            raise ValueError(f"unknown target modality {target!r}; this model has {list(self.modalities)}")
+            raise InputError(f"unknown target modality {target!r}; this model has {list(self.modalities)}")
 
     def generate(self, target: str, wsi, omics=None, wsi_mask=None) -> np.ndarray:
         """``[B, Σ group sizes of target]`` in decode mode (every query is the mask token),
@@ -167,12 +168,12 @@ class MorpheusModel:
         every modality. ``masks[m]`` ``[B, G_m]`` int (1 = masked) for modalities in ``omics``
         (missing: nothing masked); a modality absent from ``omics`` is decoded from mask tokens."""
         if not self.has_decoders:
-            raise ValueError("this checkpoint is encoder-only: it has no decoders to reconstruct with")
+            raise InputError("this checkpoint is encoder-only: it has no decoders to reconstruct with")
         wsi, wsi_mask, omics, batch = self._inputs(wsi, omics, wsi_mask)
         masks = dict(masks or {})
         stray = sorted(set(masks) - set(omics))
         if stray:
-            raise ValueError(f"masks for modalities not in omics: {stray} (omics has {sorted(omics)})")
+            raise InputError(f"masks for modalities not in omics: {stray} (omics has {sorted(omics)})")
         parts = []
         for m in self.modalities:
             if m not in omics:
@@ -180,9 +181,9 @@ class MorpheusModel:
             g = self.layouts[m].num_groups
             mk = np.zeros((batch, g), np.int32) if masks.get(m) is None else np.asarray(masks[m])
             if mk.shape != (batch, g):
-                raise ValueError(f"masks[{m!r}] must be [{batch}, {g}] (1 = masked), got {list(mk.shape)}")
+                raise InputError(f"masks[{m!r}] must be [{batch}, {g}] (1 = masked), got {list(mk.shape)}")
             if not np.isin(mk, (0, 1)).all():
-                raise ValueError(f"masks[{m!r}] must hold 0 (visible) and 1 (masked) only")
+                raise InputError(f"masks[{m!r}] must hold 0 (visible) and 1 (masked) only")
             parts.append(mk.astype(np.int32))
         token_mask = jnp.asarray(np.concatenate(parts, axis=1) if parts else np.zeros((batch, 0), np.int32))
         out = self._reconstruct_fn(self._params, wsi, wsi_mask, omics, token_mask)
@@ -191,12 +192,10 @@ class MorpheusModel:
     def to_features(self, modality: str, grouped) -> np.ndarray:
         """``[B, Σ group sizes]`` → ``[B, F]`` canonical order; a feature in several groups gets
         the mean of its predictions."""
-        from morpheus_jax.eval.metrics import grouped_to_features
-
         if modality not in self.layouts:
-            raise ValueError(f"unknown modality {modality!r}; this model has {list(self.modalities)}")
+            raise InputError(f"unknown modality {modality!r}; this model has {list(self.modalities)}")
         lay = self.layouts[modality]
         grouped = np.asarray(grouped, np.float32)
         if grouped.ndim != 2 or grouped.shape[1] != lay.total_size:
-            raise ValueError(f"{modality}: expected [B, {lay.total_size}] grouped values, got {list(grouped.shape)}")
-        return grouped_to_features(grouped, lay.entry_index(), lay.num_features)
+            raise InputError(f"{modality}: expected [B, {lay.total_size}] grouped values, got {list(grouped.shape)}")
+        return lay.to_features(grouped)

@@ -18,8 +18,8 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 import numpy as np
 import pytest
 
-from morpheus_jax.config import ModelConfig
-from morpheus_jax.model.tokenizers import GroupLayout
+from morpheus_jax.core.config import ModelConfig
+from morpheus_jax.core.spec import GroupLayout
 
 
 def make_layouts(seed=0, spec=(("rna", 6, 40, True), ("dnam", 5, 30, False), ("cnv", 4, 25, False)), buckets=2):
@@ -106,6 +106,6 @@ def tiny_overrides(dataset, run_dir, *extra) -> list[str]:
 
 
 def tiny_run_config(dataset, run_dir, *extra):
-    from morpheus_jax.config import load_config
+    from morpheus_jax.core.config import load_config
 
     return load_config(None, tiny_overrides(dataset, run_dir, *extra))

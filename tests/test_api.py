@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
+from test_export import named_setup, random_params, run_cli, save_checkpoint
 
 from morpheus_jax import api
-from morpheus_jax.export.checkpoints import CheckpointNotFound
-from test_export import named_setup, random_params, run_cli, save_checkpoint
+from morpheus_jax.core.errors import CheckpointNotFound
 
 
 @pytest.fixture(scope="module")

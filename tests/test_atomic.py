@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from morpheus_jax import atomic
+from morpheus_jax.core import atomic
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):

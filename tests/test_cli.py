@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from morpheus_jax.cli import build_parser
-from morpheus_jax.config import Config
+from morpheus_jax.cli.main import build_parser
+from morpheus_jax.core.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 

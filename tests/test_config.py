@@ -1,7 +1,8 @@
 import pytest
 import yaml
 
-from morpheus_jax.config import CONFIG_DIR, ConfigError, load_config, save_config
+from morpheus_jax.core.config import CONFIG_DIR, load_config, save_config
+from morpheus_jax.core.errors import ConfigError
 
 
 def test_demo_is_default_and_paper_matches_reference():

@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from morpheus_jax.eval import classification as cls
-from morpheus_jax.eval import survival as surv
+from morpheus_jax.metrics import classification as cls
+from morpheus_jax.metrics import survival as surv
 
 
 def _survival_data(seed, n, censor_rate=0.4):

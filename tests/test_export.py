@@ -1,6 +1,5 @@
 """Export to / import from the authors' PyTorch layout (reference §5) and the CLI around it."""
 
-import argparse
 import json
 import re
 import shlex
@@ -8,16 +7,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import make_layouts, tiny_model_config
-from morpheus_jax.config import Config
-from morpheus_jax.export import files, torch_layout
-from morpheus_jax.export.checkpoints import make_spec, read_checkpoint, resolve_step_dir, write_checkpoint
-from morpheus_jax.export.cli import register
-from morpheus_jax.export.convert import ExportError, export_checkpoint, import_weights
+
+from morpheus_jax.apps.export import export_checkpoint, import_weights
+from morpheus_jax.ckpt import torch_files as files
+from morpheus_jax.ckpt import torch_layout
+from morpheus_jax.ckpt.checkpoint import make_spec, read_checkpoint, resolve_step_dir, write_checkpoint
+from morpheus_jax.cli.main import main as cli_main
+from morpheus_jax.core.config import Config
+from morpheus_jax.core.errors import ExportError
+from morpheus_jax.core.spec import GroupLayout
 from morpheus_jax.model.morpheus import init_model
-from morpheus_jax.model.tokenizers import GroupLayout
-from morpheus_jax.train.state import ParamCodec
+from morpheus_jax.model.params import ParamCodec
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCH_KWARGS = ("hidden_size", "num_prototypes", "wsi_dim", "group_hidden", "encoder_layers", "encoder_heads",
@@ -65,8 +66,8 @@ def save_checkpoint(run_dir, cfg, groups, features, params, step=7, optimizer=Tr
     import jax.numpy as jnp
     import optax
 
-    from morpheus_jax.train.checkpoint import Checkpointer
-    from morpheus_jax.train.state import init_state
+    from morpheus_jax.ckpt.store import Checkpointer
+    from morpheus_jax.engine.state import init_state
 
     if not optimizer:
         return write_checkpoint(Path(run_dir) / "checkpoints", step, params, make_spec(cfg, groups, features))
@@ -83,10 +84,7 @@ def torch_kwargs(cfg):
 
 
 def run_cli(argv):
-    parser = argparse.ArgumentParser(prog="morpheus")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.fn(args)
+    return cli_main([str(a) for a in argv])
 
 
 @pytest.fixture(scope="module")
@@ -148,11 +146,11 @@ def reference_keys(groups, h=256, p=16, wsi=1536, gh=256, mlp=256, enc_layers=1,
 def test_paper_shapes_export_keys_equal_reference():
     import torch
 
-    from morpheus_jax.config import load_config
+    from morpheus_jax.core.config import load_config
     from morpheus_jax.torch import MorpheusProto, MorpheusProtoEncoder
 
     cfg = load_config("paper")
-    sizes = json.loads((ROOT / "tests" / "fixtures" / "paper_group_sizes.json").read_text())
+    sizes = json.loads((ROOT / "morpheus_jax" / "configs" / "paper_group_sizes.json").read_text())
     groups = {m: {g: [f"{m}:{g}:{j}" for j in range(s)] for g, s in zip(v["groups"], v["sizes"])}
               for m, v in sizes.items()}
     layouts = {m: GroupLayout.from_mapping(groups[m], [f for fs in groups[m].values() for f in fs],

@@ -4,14 +4,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import jit_model, make_layouts, tiny_model_config
 from flax import nnx
 
-from conftest import jit_model, make_layouts, tiny_model_config
+from morpheus_jax.core.spec import bucket_partition
+from morpheus_jax.engine.step import Objective
+from morpheus_jax.model.losses import group_l1, masked_mean
 from morpheus_jax.model.masking import explicit_keep, random_keep
 from morpheus_jax.model.morpheus import init_model
-from morpheus_jax.model.tokenizers import bucket_partition
-from morpheus_jax.train.losses import group_l1, masked_mean
-from morpheus_jax.train.step import Objective
 
 
 def _randomise(model, seed=0, scale=0.3):

@@ -5,12 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import make_layouts, tiny_model_config
 from flax import nnx
 
-from conftest import make_layouts, tiny_model_config
 from morpheus_jax.model.morpheus import init_model
+from morpheus_jax.model.params import ParamCodec
 from morpheus_jax.model.wsi_pool import attention_pool, attention_pool_reference
-from morpheus_jax.train.state import ParamCodec
 
 
 def _ln(x, w, b, eps=1e-5):

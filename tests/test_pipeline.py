@@ -8,8 +8,8 @@ import textwrap
 
 import numpy as np
 import pytest
-
 from conftest import synth_dataset
+
 from morpheus_jax.data import pipeline
 
 DIM = 16
@@ -34,8 +34,8 @@ _WORKER = textwrap.dedent("""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
     import numpy as np
-    from morpheus_jax import sharding as shd
-    from morpheus_jax.config import MeshConfig
+    from morpheus_jax.core import sharding as shd
+    from morpheus_jax.core.config import MeshConfig
     from morpheus_jax.data import pipeline
     root, n_batches, out = sys.argv[3], int(sys.argv[4]), sys.argv[5]
     ds = pipeline.train_dataset(root, "pretrain", global_batch=8, num_patches=24, seed=3, modalities=("rna",),

@@ -1,18 +1,19 @@
 import ast
-from pathlib import Path
 import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import synth_dataset
+
+from morpheus_jax.core.errors import PrepareError
 from morpheus_jax.data import pipeline, records
-from morpheus_jax.data.prepare import PrepareError, PrepareOptions, RawCohort, canonical_features, prepare
+from morpheus_jax.data.prepare import PrepareOptions, RawCohort, canonical_features, prepare
 
 DIM = 16
 
@@ -259,7 +260,7 @@ print(json.dumps({"growth_kib": status("VmHWM:") - base}))
 def test_prepare_peak_memory_does_not_grow_with_cohort(tmp_path):
     """Paper-sized omics (~18k features per patient): loading the CSVs whole would raise the
     peak by ≥ 58 MB (float64 values alone) between these cohorts; streaming keeps it flat."""
-    fixture = Path(__file__).parent / "fixtures" / "paper_group_sizes.json"
+    fixture = Path(__file__).parent.parent / "morpheus_jax" / "configs" / "paper_group_sizes.json"
     peaks = {}
     for n in (40, 400):
         raw, out = tmp_path / f"raw{n}", tmp_path / f"ds{n}"

@@ -12,13 +12,13 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-
 from conftest import tiny_overrides, tiny_run_config
-from morpheus_jax.config import IncompatibleCheckpoint
-from morpheus_jax.eval.plots import read_jsonl
-from morpheus_jax.train.checkpoint import Checkpointer, checkpoint_dir, restore_params
-from morpheus_jax.train.loop import pretrain
-from morpheus_jax.train.setup import build_run
+
+from morpheus_jax.apps.pretrain import pretrain
+from morpheus_jax.ckpt.store import Checkpointer, checkpoint_dir, restore_params
+from morpheus_jax.core.errors import IncompatibleCheckpoint
+from morpheus_jax.core.log import read_jsonl
+from morpheus_jax.engine.run import build_run
 
 ROOT = Path(__file__).resolve().parent.parent
 MESHES = {"1dev": ["mesh.data=1"], "data8": ["mesh.data=8"], "data2_fsdp4": ["mesh.data=2", "mesh.fsdp=4"],
@@ -162,7 +162,7 @@ def test_exact_resume_after_sigterm_and_after_raising_steps(tiny_dataset, tmp_pa
 def test_restore_onto_other_meshes_and_continue(tiny_dataset, tmp_path):
     """A checkpoint written on (data=4, fsdp=2) restores onto (data=8) and onto one device
     with equal parameters, and training continues from it."""
-    from morpheus_jax.train.setup import model_spec
+    from morpheus_jax.engine.run import model_spec
     run_dir = tmp_path / "r"
     source = build_run(tiny_run_config(tiny_dataset, run_dir, "mesh.data=4", "mesh.fsdp=2"))
     state = source.init_state()

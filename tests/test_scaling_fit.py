@@ -1,7 +1,6 @@
 """The scaling-law fit: recovery of a known law, bootstrap intervals, the compute-optimal
 frontier against its closed form, and `morpheus scaling fit` on a table."""
 
-import argparse
 import csv
 import json
 
@@ -9,8 +8,8 @@ import numpy as np
 import pytest
 from scipy import optimize
 
-from morpheus_jax.scaling import fit as ft
-from morpheus_jax.scaling.cli import register
+from morpheus_jax.apps.scaling import fit as ft
+from morpheus_jax.cli.main import main as cli_main
 
 TRUTH = ft.Law(E=0.6, A=30.0, B=60.0, alpha=0.35, beta=0.30)
 
@@ -79,10 +78,7 @@ def test_measured_relation():
 
 
 def _cli(argv):
-    p = argparse.ArgumentParser()
-    register(p.add_subparsers(dest="command"))
-    args = p.parse_args(argv)
-    return args.fn(args)
+    return cli_main([str(a) for a in argv])
 
 
 def test_fit_command_on_a_table(tmp_path, capsys):

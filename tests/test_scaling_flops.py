@@ -3,20 +3,18 @@
 import json
 import math
 import re
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import pytest
-
 from conftest import make_layouts, tiny_model_config
-from morpheus_jax.config import TrainConfig, load_config
-from morpheus_jax.model.morpheus import init_model
-from morpheus_jax.scaling import flops as fl
-from morpheus_jax.train import state as st
-from morpheus_jax.train.step import make_train_step
 
-FIXTURES = Path(__file__).parent / "fixtures"
+from morpheus_jax.core.config import CONFIG_DIR, TrainConfig, load_config
+from morpheus_jax.engine import state as st
+from morpheus_jax.engine.step import make_train_step
+from morpheus_jax.model import flops as fl
+from morpheus_jax.model.morpheus import init_model
+from morpheus_jax.model.params import ParamCodec
 
 
 def hlo_dot_flops(hlo: str) -> int:
@@ -42,7 +40,7 @@ def hlo_dot_flops(hlo: str) -> int:
 def compiled_train_step(mcfg, layouts, batch, num_patches, ratio=0.75):
     """The real train step, built as the training loop builds it, compiled for abstract inputs."""
     model = init_model(mcfg, layouts, 0)
-    codec = st.ParamCodec(model)
+    codec = ParamCodec(model)
     tc = TrainConfig(steps=10, warmup_steps=2)
     schedule = st.make_schedule(tc, 10, 5)
     tx = st.make_optimizer(tc, schedule)
@@ -90,7 +88,7 @@ def test_analytic_flops_match_xla(kw, batch, num_patches, ratio):
 def test_param_counts_match_the_model(layouts):
     mcfg = tiny_model_config()
     model = init_model(mcfg, layouts, 0)
-    codec = st.ParamCodec(model)
+    codec = ParamCodec(model)
     counts = fl.param_counts(mcfg, layouts)
     assert counts["stored"] == codec.stored_size()
     assert counts["stored"] > counts["total"]          # bucket padding
@@ -99,12 +97,12 @@ def test_param_counts_match_the_model(layouts):
     assert counts["without_group_mlps"] == no_groups
     assert counts["total"] == counts["without_group_mlps"] + counts["group_mlps"]
     enc = fl.param_counts(mcfg, layouts, with_decoders=False)
-    assert enc["stored"] == st.ParamCodec(init_model(mcfg, layouts, 0, with_decoders=False)).stored_size()
+    assert enc["stored"] == ParamCodec(init_model(mcfg, layouts, 0, with_decoders=False)).stored_size()
 
 
 def test_paper_shapes():
     cfg = load_config("paper")
-    sizes = {m: v["sizes"] for m, v in json.loads((FIXTURES / "paper_group_sizes.json").read_text()).items()}
+    sizes = {m: v["sizes"] for m, v in json.loads((CONFIG_DIR / "paper_group_sizes.json").read_text()).items()}
     counts = fl.param_counts(cfg.model, sizes)
     assert counts["total"] / 1e6 == pytest.approx(33.98, abs=0.01)       # the authors' count
     f = fl.step_flops(cfg.model, sizes, 32, 1024, 0.75)

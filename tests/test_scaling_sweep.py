@@ -8,23 +8,22 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import TINY_OVERRIDES
-from morpheus_jax.config import load_config
-from morpheus_jax.scaling import sweep as sw
-from morpheus_jax.scaling.flops import step_flops
-from morpheus_jax.scaling.cli import register
-from morpheus_jax.scaling.ladder import LadderError, expand, load_ladder, resolve_steps, run_config, run_status
+
+from morpheus_jax.apps.scaling import sweep as sw
+from morpheus_jax.apps.scaling.ladder import expand, load_ladder, resolve_steps, run_config, run_status
+from morpheus_jax.cli.main import main as cli_main
+from morpheus_jax.cli.scaling import register
+from morpheus_jax.core.config import load_config
+from morpheus_jax.core.errors import LadderError
+from morpheus_jax.model.flops import step_flops
 
 ROOT = Path(__file__).resolve().parent.parent
-PAPER_SIZES = ROOT / "tests" / "fixtures" / "paper_group_sizes.json"
+PAPER_SIZES = ROOT / "morpheus_jax" / "configs" / "paper_group_sizes.json"
 
 
 def _cli(argv):
-    p = argparse.ArgumentParser()
-    register(p.add_subparsers(dest="command"))
-    args = p.parse_args(argv)
-    return args.fn(args)
+    return cli_main([str(a) for a in argv])
 
 
 def write_ladder(path: Path, **body) -> Path:
@@ -184,6 +183,6 @@ def test_shipped_ladders_expand(monkeypatch):
     assert [r["steps"] for r in tiny] == [50, 150] * 3
     paper = {r["run"].name: r for r in sw.plan(load_ladder(ROOT / "configs" / "scaling" / "paper_ladder.yaml"))}
     assert len(paper) == 24 and paper["paper-frac1"]["config"].model.hidden_size == 256
-    from morpheus_jax.scaling.flops import param_counts
+    from morpheus_jax.model.flops import param_counts
     r = paper["paper-frac1"]
     assert param_counts(r["config"].model, r["layouts"])["total"] / 1e6 == pytest.approx(33.98, abs=0.01)

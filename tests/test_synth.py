@@ -13,7 +13,7 @@ import pytest
 
 from morpheus_jax.data.synth import MODALITIES, write_synthetic_cohort
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parent.parent / "morpheus_jax" / "configs"
 SMALL = dict(n_patients=120, feature_dim=16, mean_patches_per_slide=64, progress=False,
              empty_slide_fraction=0.05)
 

@@ -10,9 +10,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from test_export import named_setup, random_params, run_cli, save_checkpoint  # noqa: E402
+
 from morpheus_jax import api  # noqa: E402
 from morpheus_jax.torch import MorpheusProto, MorpheusProtoEncoder, from_export  # noqa: E402
-from test_export import named_setup, random_params, run_cli, save_checkpoint  # noqa: E402
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 B, N = 3, 21

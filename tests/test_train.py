@@ -4,12 +4,12 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import TINY_DIM, tiny_run_config
+
+from morpheus_jax.apps.pretrain import pretrain
+from morpheus_jax.core.log import read_jsonl
 from morpheus_jax.data.prepare import PrepareOptions, RawCohort, prepare
 from morpheus_jax.data.synth import write_synthetic_cohort
-from morpheus_jax.eval.plots import read_jsonl
-from morpheus_jax.train.loop import pretrain
 
 DIM = TINY_DIM
 
@@ -53,7 +53,7 @@ def test_allow_missing_modalities(tmp_path):
     loose = prepare(RawCohort.from_dir(tmp_path / "raw"), tmp_path / "ds",
                     PrepareOptions(wsi_dim=DIM, allow_missing_modalities=True, progress=False))
     assert sum(loose["counts"].values()) > sum(strict["counts"].values())
-    from morpheus_jax.config import ConfigError
+    from morpheus_jax.core.errors import ConfigError
     with pytest.raises(ConfigError, match="allow_missing_modalities"):
         pretrain(tiny(tmp_path / "ds", tmp_path / "r0", "train.steps=2"), progress=False)
     pretrain(tiny(tmp_path / "ds", tmp_path / "r1", "train.steps=6", "data.allow_missing_modalities=true"), progress=False)
@@ -76,8 +76,9 @@ def test_remat_gives_the_same_losses_and_bf16_moments_and_compute_train(tiny_dat
     pretrain(tiny(tiny_dataset, tmp_path / "mu", *base, "train.mu_dtype=bfloat16"), progress=False)
     mu = [r["loss"] for r in read_jsonl(tmp_path / "mu" / "metrics.jsonl") if "loss" in r]
     assert mu[0] == plain[0] and np.all(np.isfinite(mu)) and mu != plain
-    from morpheus_jax.train.checkpoint import checkpoint_dir
     import orbax.checkpoint as ocp
+
+    from morpheus_jax.ckpt.store import checkpoint_dir
     meta = ocp.StandardCheckpointer().metadata(checkpoint_dir(tmp_path / "mu") / "5" / "state")
     tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
     assert str(tree["opt_state"][0]["mu"]["global_token"].dtype) == "bfloat16"

@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import grain
-from grain.python import SharedMemoryArray
 import numpy as np
 import tensorstore as ts
+from grain.python import SharedMemoryArray
 
+from morpheus_jax.core.errors import DatasetError
 from morpheus_jax.data import records as rec
 
 # Per process: opened patch arrays, keyed by path (workers open their own).
@@ -181,7 +182,7 @@ def train_dataset(root: str | Path, split: str, *, global_batch: int, num_patche
     paths = [str(root / s["records"]["path"]) for s in manifest["shards"] if s["split"] == split]
     n = manifest["counts"].get(split, 0)
     if not paths or n == 0:
-        raise rec.DatasetError(f"{root}: split {split!r} has no patients (counts {manifest['counts']})")
+        raise DatasetError(f"{root}: split {split!r} has no patients (counts {manifest['counts']})")
     source = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))
     return TrainBatches(source, root=str(root), num_records=n, global_batch=global_batch, num_patches=num_patches,
                         seed=seed, modalities=tuple(modalities), dim=manifest["patches"]["dim"],

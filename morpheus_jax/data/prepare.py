@@ -36,11 +36,24 @@ import pandas as pd
 import tensorstore as ts
 from tqdm.auto import tqdm
 
-from morpheus_jax.atomic import write_json
+from morpheus_jax.core.atomic import write_json
+from morpheus_jax.core.errors import PrepareError
 from morpheus_jax.data import records as rec
-from morpheus_jax.data.raw import (FILL, MODALITIES, RESERVED, TRANSFORM, OmicsTable, PrepareError, RawCohort,
-                                   RowReader, canonical_features, read_mapping, read_metadata, read_slide,
-                                   slide_shape, stream_omics)
+from morpheus_jax.data.raw import (
+    FILL,
+    MODALITIES,
+    RESERVED,
+    TRANSFORM,
+    OmicsTable,
+    RawCohort,
+    RowReader,
+    canonical_features,
+    read_mapping,
+    read_metadata,
+    read_slide,
+    slide_shape,
+    stream_omics,
+)
 
 __all__ = ["PrepareError", "PrepareOptions", "RawCohort", "canonical_features", "prepare", "summary"]
 
@@ -207,7 +220,7 @@ class _PatchWriter:
 
 def _cast_patches(x: np.ndarray, dtype: str, path: Path) -> np.ndarray:
     if dtype == "bfloat16":
-        import ml_dtypes
+        import ml_dtypes  # lazy: start-up time
         return x.astype(ml_dtypes.bfloat16)
     out = x.astype(dtype)
     if not np.isfinite(out).all():
@@ -217,7 +230,7 @@ def _cast_patches(x: np.ndarray, dtype: str, path: Path) -> np.ndarray:
 
 def write_shard(task: ShardTask) -> dict:
     """Write one shard (patch array, records, completion marker); returns its manifest entry."""
-    from array_record.python.array_record_module import ArrayRecordWriter
+    from array_record.python.array_record_module import ArrayRecordWriter  # lazy: start-up time
 
     root, opts, features_dir = Path(task.root), task.opts, Path(task.features_dir)
     tables = {m: RowReader(p, f) for m, (p, f) in task.omics.items()}

@@ -21,6 +21,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from morpheus_jax.core.errors import PrepareError
 from morpheus_jax.data.records import SPLITS
 
 MODALITIES = ("rna", "dnam", "cnv")
@@ -30,9 +31,6 @@ RESERVED = {"submitter_id", "project_id", "split", "WSI"}
 # Rows parsed at a time: bounded in cells so wide CSVs (DNAm, ~10^5 columns) stay small.
 CSV_CHUNK_CELLS = 1 << 18
 
-
-class PrepareError(ValueError):
-    """Bad raw input; the message names the file and the field."""
 
 
 @dataclasses.dataclass

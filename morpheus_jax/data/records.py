@@ -40,13 +40,12 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from morpheus_jax.core.errors import DatasetError
+
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 SPLITS = ("pretrain", "val-pretrain", "fine-tune")
 
-
-class DatasetError(ValueError):
-    """A prepared dataset is missing, incomplete or corrupted."""
 
 
 # -- record codec -----------------------------------------------------------------------
@@ -159,6 +158,6 @@ def feature_names(manifest: dict, modality: str) -> list[str]:
 def patch_numpy_dtype(name: str) -> np.dtype:
     """NumPy dtype of stored patches (``bfloat16`` via ml_dtypes)."""
     if name == "bfloat16":
-        import ml_dtypes
+        import ml_dtypes  # lazy: start-up time
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(name)

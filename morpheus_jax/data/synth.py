@@ -59,7 +59,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from morpheus_jax.atomic import replacing, write_csv, write_json
+from morpheus_jax.core.atomic import replacing, write_csv, write_json
 
 MODALITIES = ("rna", "dnam", "cnv")
 ONCOTREE_CODES = ("SYNX", "SYNY", "SYNZ")

@@ -1,6 +1,6 @@
 """Transformer building blocks shared by the encoder and the omics decoders.
 
-Every parameter carries logical axis names (metadata ``axes``); `morpheus_jax.sharding`
+Every parameter carries logical axis names (metadata ``axes``); `morpheus_jax.core.sharding`
 maps them to mesh axes. Initialisers follow PyTorch's defaults (``nn.Linear``:
 U(±1/sqrt(fan_in)) for weight and bias; ``nn.LayerNorm``: ones and zeros) so training
 dynamics match the authors' model.
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from morpheus_jax.sharding import constrain
+from morpheus_jax.core.sharding import constrain
 
 Array = jax.Array
 

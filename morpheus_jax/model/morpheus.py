@@ -16,10 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from morpheus_jax.config import ModelConfig
-from morpheus_jax.model.layers import Dense, DecoderBlock, EncoderBlock, LayerNorm, normal_init, split_key
+from morpheus_jax.core.config import ModelConfig
+from morpheus_jax.core.spec import GroupLayout
+from morpheus_jax.model.layers import DecoderBlock, Dense, EncoderBlock, LayerNorm, normal_init, split_key
 from morpheus_jax.model.masking import KeepPlan, token_positions
-from morpheus_jax.model.tokenizers import GroupLayout, GroupTokenizer, ReverseTokenizer, WSITokenizer
+from morpheus_jax.model.tokenizers import GroupTokenizer, ReverseTokenizer, WSITokenizer
 
 Array = jax.Array
 

@@ -9,131 +9,17 @@ to and from the authors' one-MLP-per-group layout.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from morpheus_jax.core.sharding import constrain
+from morpheus_jax.core.spec import GroupLayout
 from morpheus_jax.model.layers import Dense, LayerNorm, einsum_f32, normal_init, torch_linear_init
 from morpheus_jax.model.wsi_pool import attention_pool
-from morpheus_jax.sharding import constrain
 
 Array = jax.Array
-
-
-def bucket_partition(sizes: list[int], num_buckets: int) -> list[list[int]]:
-    """Split groups into ≤ num_buckets buckets minimising the padded size Σ |bucket|·max size.
-
-    Groups are sorted by size (stable); buckets are contiguous runs of that order (optimal
-    for this cost). Returns lists of original group indices, buckets in ascending size.
-    """
-    order = sorted(range(len(sizes)), key=lambda g: sizes[g])
-    s = [sizes[g] for g in order]
-    n, nb = len(s), max(1, min(num_buckets, len(s)))
-    inf = float("inf")
-    # cost[j][i]: best padded total covering the first i sorted groups with j buckets.
-    cost = [[inf] * (n + 1) for _ in range(nb + 1)]
-    back = [[0] * (n + 1) for _ in range(nb + 1)]
-    cost[0][0] = 0
-    for j in range(1, nb + 1):
-        for i in range(1, n + 1):
-            for h in range(j - 1, i):
-                c = cost[j - 1][h] + (i - h) * s[i - 1]
-                if c < cost[j][i]:
-                    cost[j][i], back[j][i] = c, h
-    j = min(range(1, nb + 1), key=lambda jj: cost[jj][n])
-    bounds, i = [], n
-    while j > 0:
-        h = back[j][i]
-        bounds.append((h, i))
-        i, j = h, j - 1
-    return [order[a:b] for a, b in reversed(bounds)]
-
-
-@dataclasses.dataclass(frozen=True)
-class GroupLayout:
-    """Static description of one modality's groups and their stacked-bucket storage.
-
-    feature_index[g]: canonical feature indices (into the modality's flat ``[F]`` vector) of
-    group g, in mapping order. Buckets hold groups sorted by size.
-    """
-
-    group_names: tuple[str, ...]
-    feature_index: tuple[tuple[int, ...], ...]
-    num_features: int
-    buckets: tuple[tuple[int, ...], ...]
-
-    @classmethod
-    def build(cls, group_names, feature_index, num_features: int, num_buckets: int) -> "GroupLayout":
-        sizes = [len(f) for f in feature_index]
-        if any(s == 0 for s in sizes):
-            empty = [n for n, s in zip(group_names, sizes) if s == 0]
-            raise ValueError(f"groups with no features: {empty[:5]}")
-        buckets = bucket_partition(sizes, num_buckets)
-        return cls(tuple(group_names), tuple(tuple(int(i) for i in f) for f in feature_index),
-                   int(num_features), tuple(tuple(b) for b in buckets))
-
-    @classmethod
-    def from_mapping(cls, groups: dict[str, list[str]], features: list[str], num_buckets: int) -> "GroupLayout":
-        """Layout from a ``{group: [feature names]}`` mapping and the canonical feature list."""
-        index = {f: i for i, f in enumerate(features)}
-        missing = [f for members in groups.values() for f in members if f not in index]
-        if missing:
-            raise ValueError(f"mapping features not in the feature list: {missing[:5]}")
-        return cls.build(list(groups), [[index[f] for f in m] for m in groups.values()],
-                         len(features), num_buckets)
-
-    @property
-    def num_groups(self) -> int:
-        return len(self.group_names)
-
-    @property
-    def sizes(self) -> list[int]:
-        return [len(f) for f in self.feature_index]
-
-    @property
-    def total_size(self) -> int:
-        return sum(self.sizes)
-
-    def bucket_width(self, b: int) -> int:
-        return max(len(self.feature_index[g]) for g in self.buckets[b])
-
-    def bucket_gather(self, b: int) -> np.ndarray:
-        """``[Gb, Wb]`` feature indices; padding points at index F (a zero column)."""
-        idx = np.full((len(self.buckets[b]), self.bucket_width(b)), self.num_features, np.int32)
-        for slot, g in enumerate(self.buckets[b]):
-            idx[slot, : len(self.feature_index[g])] = self.feature_index[g]
-        return idx
-
-    def bucket_order(self) -> np.ndarray:
-        """Group index at each position of the bucket-concatenated order ``[G]``."""
-        return np.asarray([g for bucket in self.buckets for g in bucket], np.int32)
-
-    def entry_index(self) -> np.ndarray:
-        """``[S]`` canonical feature index of each group entry, groups in mapping order."""
-        return np.asarray([i for f in self.feature_index for i in f], np.int32)
-
-    def flat_from_buckets(self) -> np.ndarray:
-        """``[S]`` positions in the concatenation of flattened bucket outputs of each entry."""
-        pos, base = {}, 0
-        for b, bucket in enumerate(self.buckets):
-            w = self.bucket_width(b)
-            for slot, g in enumerate(bucket):
-                pos[g] = base + slot * w
-            base += len(bucket) * w
-        return np.asarray([pos[g] + j for g in range(self.num_groups)
-                           for j in range(len(self.feature_index[g]))], np.int32)
-
-    def group_mean_matrix(self) -> np.ndarray:
-        """``[S, G]``: entry → its group, weighted 1/size (per-group means by one matmul)."""
-        mat = np.zeros((self.total_size, self.num_groups), np.float32)
-        row = 0
-        for g, f in enumerate(self.feature_index):
-            mat[row: row + len(f), g] = 1.0 / len(f)
-            row += len(f)
-        return mat
 
 
 def _stacked_init(rng: np.random.Generator, layout: GroupLayout, b: int, hidden: int, *, fan: str, pad_axis: int):

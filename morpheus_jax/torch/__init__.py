@@ -10,8 +10,16 @@ authors' own state dicts load here.
 """
 
 from morpheus_jax.torch.hub import build_from_sidecar, from_export, load_weights, read_sidecar
-from morpheus_jax.torch.model import (GroupSpec, MorpheusDecoder, MorpheusProto, MorpheusProtoEncoder,
-                                      OmicsReverseTokenizer, OmicsTokenizer, TransformerBlock, WSITokenizer)
+from morpheus_jax.torch.model import (
+                                      GroupSpec,
+                                      MorpheusDecoder,
+                                      MorpheusProto,
+                                      MorpheusProtoEncoder,
+                                      OmicsReverseTokenizer,
+                                      OmicsTokenizer,
+                                      TransformerBlock,
+                                      WSITokenizer,
+)
 
 __all__ = ["MorpheusProto", "MorpheusProtoEncoder", "MorpheusDecoder", "OmicsTokenizer", "OmicsReverseTokenizer",
            "TransformerBlock", "WSITokenizer", "GroupSpec", "from_export", "build_from_sidecar", "load_weights",

@@ -1,0 +1,1 @@
+"""Fine-tuning a pretrained MORPHEUS on downstream tasks (MORPHEUS.md §4)."""

@@ -1,0 +1,99 @@
+"""`morpheus synth`, `prepare` and `inspect`: thin shells over `morpheus_jax.data`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from morpheus_jax.cli.common import modality_paths
+from morpheus_jax.core.errors import ConfigError
+
+
+def cmd_synth(args) -> int:
+    from morpheus_jax.data.synth import write_synthetic_cohort  # lazy: start-up time
+    info = write_synthetic_cohort(args.out_dir, n_patients=args.patients, seed=args.seed,
+                                  feature_dim=args.feature_dim, mean_patches_per_slide=args.patches_per_slide,
+                                  overwrite=args.overwrite)
+    print({k: v for k, v in info.items() if not isinstance(v, (dict, list)) or k == "counts"})
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from morpheus_jax.data.prepare import PrepareOptions, RawCohort, prepare, summary  # lazy: start-up time
+    if args.raw:
+        cohort = RawCohort.from_dir(args.raw)
+    else:
+        needed = {"--metadata": args.metadata, "--features-dir": args.features_dir, "--omics": args.omics,
+                  "--mapping": args.mapping}
+        missing = [k for k, v in needed.items() if not v]
+        if missing:
+            raise ConfigError(f"give --raw DIR or all of {', '.join(missing)}")
+        cohort = RawCohort(Path(args.metadata), Path(args.features_dir), modality_paths(args.omics, "--omics"),
+                           modality_paths(args.mapping, "--mapping"))
+    opts = PrepareOptions(records_per_shard=args.records_per_shard, patch_dtype=args.patch_dtype, workers=args.workers,
+                          chunk_rows=args.chunk_rows, wsi_dim=args.wsi_dim, seed=args.seed, strict=args.strict,
+                          allow_missing_modalities=args.allow_missing_modalities, overwrite=args.overwrite)
+    manifest = prepare(cohort, args.out, opts)
+    print(summary(manifest))
+    print(f"wrote {args.out} in {manifest['seconds']} s")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from morpheus_jax.data import records  # lazy: start-up time
+    from morpheus_jax.data.prepare import summary  # lazy: start-up time
+    manifest = records.load_manifest(args.dataset)
+    print(summary(manifest))
+    if not args.no_verify:
+        problems = records.verify_dataset(args.dataset, manifest)
+        if problems:
+            for p in problems:
+                print(f"morpheus inspect: {p}", file=sys.stderr)
+            return 1
+        print(f"checksums: {len(manifest['shards'])} shards verified")
+    return 0
+
+
+def register(sub) -> None:
+    """Add ``synth``, ``prepare`` and ``inspect`` to the ``morpheus`` subcommands."""
+    s = sub.add_parser("synth", help="write a synthetic cohort in the raw TCGA file layout",
+                       description="Write a synthetic cohort (metadata.csv, features/**.h5, omics/*.csv, "
+                                   "mappings/*.json) whose modalities share latent patient factors.")
+    s.add_argument("out_dir", help="output folder (must be empty or absent)")
+    s.add_argument("--patients", type=int, default=500, help="number of patients (default 500)")
+    s.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files (default 0)")
+    s.add_argument("--feature-dim", type=int, default=1536, help="patch feature dimension (default 1536, UNI2-h)")
+    s.add_argument("--patches-per-slide", type=int, default=300, help="mean patches per slide (default 300)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing non-empty out_dir")
+    s.set_defaults(fn=cmd_synth)
+
+    s = sub.add_parser("prepare", help="validate a raw cohort and write the sharded training records",
+                       description="Raw TCGA-layout files → a prepared dataset (ArrayRecord omics/metadata "
+                                   "shards, zarr3 patch arrays, manifest.json).")
+    s.add_argument("--raw", help="a raw cohort folder in the synth layout (replaces the four flags below)")
+    s.add_argument("--metadata", help="metadata CSV (submitter_id, project_id, split, WSI, task columns)")
+    s.add_argument("--features-dir", help="folder the WSI column's slide paths are relative to")
+    s.add_argument("--omics", nargs="+", metavar="M=CSV", help="omics CSVs, e.g. rna=rna.csv dnam=dnam.csv cnv=cnv.csv")
+    s.add_argument("--mapping", nargs="+", metavar="M=JSON", help="group mappings, e.g. rna=rna.json …")
+    s.add_argument("--out", required=True, help="output dataset folder")
+    s.add_argument("--records-per-shard", type=int, default=128, help="patients per shard (default 128)")
+    s.add_argument("--workers", type=int, default=1,
+                   help="processes writing shards in parallel (default 1); rerunning an interrupted prepare "
+                        "with the same inputs skips the shards already written and verified")
+    s.add_argument("--patch-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="stored patch dtype (default float16)")
+    s.add_argument("--chunk-rows", type=int, default=128, help="patch rows per zarr chunk (default 128)")
+    s.add_argument("--wsi-dim", type=int, default=1536, help="expected patch feature dimension (default 1536)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the stored per-patient patch shuffle (default 0)")
+    s.add_argument("--strict", action="store_true", help="a patient lacking a modality or a slide is an error")
+    s.add_argument("--allow-missing-modalities", action="store_true",
+                   help="keep patients with at least one omics modality (missing ones are always masked)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset at --out")
+    s.set_defaults(fn=cmd_prepare)
+
+    s = sub.add_parser("inspect", help="summarise a prepared dataset and verify its checksums",
+                       description="Print patients per split, modalities, groups and patches; verify every "
+                                   "shard's SHA-256 against the manifest (exit 1 on mismatch).")
+    s.add_argument("dataset", help="prepared dataset folder")
+    s.add_argument("--no-verify", action="store_true", help="skip checksum verification")
+    s.set_defaults(fn=cmd_inspect)

@@ -1,0 +1,181 @@
+"""`morpheus embed`, `generate`, `evaluate reconstruction`, `finetune survival|classify`: thin
+shells over `morpheus_jax.apps.downstream` and `morpheus_jax.finetune`.
+
+The main parser adds them with ``register(subparsers)``.
+"""
+
+from __future__ import annotations
+
+from morpheus_jax.cli.common import CKPT_HELP, DATASET_HELP
+from morpheus_jax.core.errors import ConfigError
+
+
+def _done(_result) -> int:
+    return 0
+
+
+def cmd_embed(args) -> int:
+    from morpheus_jax.apps.downstream import run_embed  # lazy: start-up time
+    return _done(run_embed(args.checkpoint, args.dataset, args.out, modalities=args.modalities,
+                                           split=args.split, batch_size=args.batch_size))
+
+
+def cmd_generate(args) -> int:
+    from morpheus_jax.apps.downstream import run_generate  # lazy: start-up time
+    return _done(run_generate(args.checkpoint, args.dataset, args.target, args.out,
+                                                 sources=args.sources, split=args.split, batch_size=args.batch_size))
+
+
+def cmd_reconstruction(args) -> int:
+    from morpheus_jax.apps.downstream import run_reconstruction  # lazy: start-up time
+    return _done(run_reconstruction(
+        args.checkpoint, args.dataset, args.target, args.out, split=args.split, group_column=args.group_column,
+        min_std=args.min_std, batch_size=args.batch_size))
+
+
+def _settings(args):
+    from morpheus_jax.apps.finetune.trainer import FinetuneSettings  # lazy: start-up time
+    return FinetuneSettings(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+                            weight_decay=args.weight_decay, dropout=args.dropout, warmup_epochs=args.warmup_epochs,
+                            cosine_period_epochs=args.cosine_period, num_patches=args.num_patches,
+                            eval_batch_size=args.eval_batch_size, seed=args.seed, pretrained=not args.no_pretrain)
+
+
+def cmd_survival(args) -> int:
+    from morpheus_jax.apps.finetune.survival import run_survival  # lazy: start-up time
+    return _done(run_survival(
+        args.checkpoint, args.dataset, args.out, modalities=args.modalities, split=args.split, folds=args.folds,
+        bins=args.bins, time_column=args.time_column, censorship_column=args.censorship_column,
+        settings=_settings(args)))
+
+
+def cmd_classify(args) -> int:
+    from morpheus_jax.apps.finetune.classify import run_classify  # lazy: start-up time
+    if args.linear_probe and args.no_pretrain:
+        raise ConfigError("--linear-probe and --no-pretrain are two baselines; give one")
+    method = "linear_probe" if args.linear_probe else "no_pretrain" if args.no_pretrain else "finetune"
+    return _done(run_classify(
+        args.checkpoint, args.dataset, args.out, task=args.task, modalities=args.modalities, split=args.split,
+        k=args.k, draws=args.draws, full=args.full, folds=args.folds, method=method, settings=_settings(args)))
+
+
+def _common(s, *, modalities: bool = True, split: str = "all", batch_size: bool = False) -> None:
+    """The checkpoint, dataset, split (and inputs, and the inference batch size) flags."""
+    s.add_argument("--checkpoint", required=True, help=CKPT_HELP)
+    s.add_argument("--dataset", required=True, help=DATASET_HELP)
+    if modalities:
+        s.add_argument("--modalities", default="wsi",
+                       help="comma-separated inputs to encode: wsi and/or the checkpoint's omics, e.g. wsi,rna "
+                            "(default wsi); patients lacking one are excluded and counted")
+    s.add_argument("--split", default=split,
+                   help=f"dataset split: pretrain, val-pretrain, fine-tune{', or all' if split == 'all' else ''} "
+                        f"(default {split})")
+    if batch_size:
+        s.add_argument("--batch-size", type=int, default=None,
+                       help="patients per batch (default: the pretraining data.eval_batch_size)")
+
+
+def _finetune_flags(s) -> None:
+    _common(s, split="fine-tune")
+    s.add_argument("--out", required=True, help="output folder for predictions.csv and results.json")
+    s.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    s.add_argument("--epochs", type=int, default=20, help="training epochs per fold or draw (default 20, the paper's)")
+    s.add_argument("--batch-size", type=int, default=32, help="patients per training step (default 32)")
+    s.add_argument("--lr", type=float, default=5e-5, help="AdamW peak learning rate (default 5e-5)")
+    s.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay (default 1e-2)")
+    s.add_argument("--dropout", type=float, default=0.35,
+                   help="dropout in the encoder blocks and before the head (default 0.35)")
+    s.add_argument("--warmup-epochs", type=int, default=5,
+                   help="linear warm-up epochs of the per-epoch schedule (default 5)")
+    s.add_argument("--cosine-period", type=int, default=25,
+                   help="cosine period in epochs: factor min((e+1)/warmup, 0.5(1+cos(pi e/period))) (default 25)")
+    s.add_argument("--num-patches", type=int, default=None,
+                   help="patches sampled per training bag (default: the pretraining data.num_patches); "
+                        "evaluation uses every patch")
+    s.add_argument("--eval-batch-size", type=int, default=None,
+                   help="patients per evaluation batch (default: the pretraining data.eval_batch_size)")
+    s.add_argument("--seed", type=int, default=1999,
+                   help="seed of folds, draws, head init, patch sampling and dropout (default 1999)")
+    s.add_argument("--no-pretrain", action="store_true",
+                   help="baseline: the same model, folds and seeds from random weights instead of the checkpoint")
+
+
+def register(subparsers) -> None:
+    """Add ``embed``, ``generate``, ``evaluate`` and ``finetune`` to the ``morpheus`` subcommands."""
+    s = subparsers.add_parser(
+        "embed", help="write each patient's global-token embedding (.parquet or .npz)",
+        description="Encode each patient (every patch of the bag, plus the omics asked for) and write the final "
+                    "embedding of the global token: a table with submitter_id, project_id, split and emb_* "
+                    "columns (.parquet), or arrays submitter_id, project_id, split, embedding [n, H] (.npz).")
+    _common(s, batch_size=True)
+    s.add_argument("--out", required=True, help="output file; the suffix picks the format: .parquet or .npz")
+    s.set_defaults(fn=cmd_embed)
+
+    s = subparsers.add_parser(
+        "generate", help="generate an omics modality from the slides (and other omics), one CSV row per patient",
+        description="Any-to-any generation in decode mode: encode the --from inputs, let the --target decoder "
+                    "predict every group, and write submitter_id then the target's features in canonical order "
+                    "(a feature of several groups gets the mean of its predictions).")
+    _common(s, modalities=False, batch_size=True)
+    s.add_argument("--target", required=True, help="omics modality to generate: rna, dnam or cnv (the checkpoint's)")
+    s.add_argument("--from", dest="sources", default="wsi",
+                   help="comma-separated inputs, e.g. wsi or wsi,rna (default wsi); must not include --target")
+    s.add_argument("--out", required=True, help="output CSV file (one row per patient)")
+    s.set_defaults(fn=cmd_generate)
+
+    s = subparsers.add_parser(
+        "evaluate", help="evaluate a checkpoint (evaluate reconstruction …)",
+        description="Evaluations of a pretrained checkpoint. `morpheus evaluate reconstruction --help` for details.")
+    ev = s.add_subparsers(dest="evaluation", metavar="EVALUATION", required=True,
+                          help="what to evaluate: reconstruction (generation against the measured omics)")
+    r = ev.add_parser(
+        "reconstruction", help="per-feature Pearson r of generated vs measured omics, per input combination",
+        description="Generate --target from WSI alone and from WSI + each subset of the other omics; per feature "
+                    "(std > --min-std) the Pearson r over patients; the median and the number of features above "
+                    "0.01 … 0.9. Writes reconstruction.csv, per_feature_r.csv, reconstruction.png and "
+                    "reconstruction.json into --out.")
+    _common(r, modalities=False, split="fine-tune", batch_size=True)
+    r.add_argument("--target", required=True, help="omics modality to generate and compare: rna, dnam or cnv")
+    r.add_argument("--out", required=True, help="output folder for the CSVs, the plot and the JSON")
+    r.add_argument("--group-column", default=None,
+                   help="binary metadata column (e.g. IDH): also report the share of features significant in the "
+                        "measured data (Welch t-test, p < 0.05) whose sign the generated data reproduces")
+    r.add_argument("--min-std", type=float, default=0.15,
+                   help="keep features whose measured std over the patients exceeds this (default 0.15, the paper's)")
+    r.set_defaults(fn=cmd_reconstruction)
+
+    s = subparsers.add_parser(
+        "finetune", help="fine-tune the encoder on a task (finetune survival | classify)",
+        description="Fine-tune the pretrained encoder + a Dropout → Linear head on the global token, with the "
+                    "paper's settings by default (AdamW lr 5e-5, wd 1e-2, dropout 0.35, 20 epochs, batch 32, "
+                    "warm-up 5, cosine period 25). `morpheus finetune survival --help` / `classify --help`.")
+    ft = s.add_subparsers(dest="task_kind", metavar="TASK", required=True,
+                          help="survival (c-index by k-fold CV) or classify (few-shot or full-data)")
+    v = ft.add_parser(
+        "survival", help="discrete-time survival (logistic hazard), k-fold cross-validated c-index",
+        description="Per fold: --bins intervals at quantiles of the training event times, logistic-hazard NLL, "
+                    "risk = sum of the outputs (higher = worse); censored c-index on the held-out fold. Writes "
+                    "predictions.csv (submitter_id, fold, risk, time, event) and results.json (c_index_per_fold, "
+                    "c_index_mean, c_index_std).")
+    _finetune_flags(v)
+    v.add_argument("--bins", type=int, default=5, help="discrete time intervals (default 5)")
+    v.add_argument("--time-column", default="survival_months", help="metadata column of the follow-up times")
+    v.add_argument("--censorship-column", default="censorship",
+                   help="metadata column, 1 = censored, 0 = event observed (default censorship)")
+    v.set_defaults(fn=cmd_survival)
+
+    c = ft.add_parser(
+        "classify", help="few-shot (k per class, repeated draws) or full-data classification of a column",
+        description="Classify a metadata column. Few-shot: --k patients per class for training, the rest for "
+                    "testing, --draws times; --full: k-fold CV. ROC AUC (macro one-vs-rest above two classes) "
+                    "and balanced accuracy per draw/fold and summarised in results.json, predictions in "
+                    "predictions.csv. Baselines: --linear-probe, --no-pretrain.")
+    _finetune_flags(c)
+    c.add_argument("--task", required=True, help="metadata column to predict, e.g. IDH or oncotree_code")
+    c.add_argument("--k", type=int, default=5, help="few-shot training patients per class (default 5)")
+    c.add_argument("--draws", type=int, default=10, help="few-shot random draws (default 10)")
+    c.add_argument("--full", action="store_true", help="full-data classification by --folds cross-validation "
+                                                         "instead of few-shot draws")
+    c.add_argument("--linear-probe", action="store_true",
+                   help="baseline: frozen pretrained encoder, logistic regression on the embeddings")
+    c.set_defaults(fn=cmd_classify)

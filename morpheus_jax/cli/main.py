@@ -1,0 +1,60 @@
+"""The ``morpheus`` command: one parser, one error printer.
+
+A `UserError` (bad config, file, dataset, checkpoint or flag) is printed as one line
+``morpheus COMMAND: error: …`` with exit status 2; any other exception is a bug and keeps
+its traceback. In a multi-process job a failed process leaves at once
+(`distributed.leave_job`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from morpheus_jax.cli import data, downstream, export, scaling, train
+from morpheus_jax.core.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="morpheus",
+        description="MORPHEUS in JAX: masked omics modelling over H&E patch features, RNA, DNA methylation "
+                    "and copy number. Subcommands run the data flow: synth → prepare → pretrain.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in (data, train, downstream, export, scaling):
+        module.register(sub)
+    return p
+
+
+def command_name(args) -> str:
+    """``finetune survival``, ``evaluate reconstruction``, ``scaling fit`` … for messages."""
+    parts = [args.command] + [getattr(args, k) for k in ("evaluation", "task_kind", "scaling_command")
+                              if getattr(args, k, None)]
+    return " ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    name = command_name(args)
+    try:
+        code = args.fn(args)
+    except UserError as e:
+        print(f"morpheus {name}: error: {e}", file=sys.stderr)
+        code = 2
+    except BaseException:
+        _leave_failed_job(1, name, print_traceback=True)
+        raise
+    if code:
+        _leave_failed_job(code, name)
+    return code
+
+
+def _leave_failed_job(code: int, command: str, *, print_traceback: bool = False) -> None:
+    """In a multi-process job, a failed process leaves at once (`distributed.leave_job`)."""
+    if "jax" in sys.modules:  # else JAX never started: not part of a job
+        from morpheus_jax.core.distributed import leave_job  # lazy: start-up time
+        leave_job(code, f"morpheus {command}", print_traceback=print_traceback)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""`morpheus sweep` and `morpheus scaling {fit,flops}`: thin shells over the scaling package.
+
+The main parser adds them with ``register(subparsers)``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from morpheus_jax.cli.common import add_config_flags
+from morpheus_jax.core.atomic import write_json
+from morpheus_jax.core.errors import ConfigError
+
+
+def cmd_sweep(args) -> int:
+    from morpheus_jax.apps.scaling import sweep as sw  # lazy: start-up time
+    from morpheus_jax.apps.scaling.ladder import load_ladder, shell  # lazy: start-up time
+
+    ladder = load_ladder(args.ladder, out=args.out)
+    local = args.launcher == "local"
+    rows = sw.plan(ladder, need_dataset=local and not args.dry_run)
+    if args.only:
+        unknown = set(args.only) - {r["run"].name for r in rows}
+        if unknown:
+            raise ConfigError(f"--only names runs not in the ladder: {sorted(unknown)}")
+        rows = [r for r in rows if r["run"].name in args.only]
+    print(sw.describe(ladder, rows))
+    if local:
+        if args.dry_run:
+            return 0
+        outcome = sw.run_local(ladder, rows, subprocesses=args.subprocess, progress=not args.no_progress)
+        bad = {k: v for k, v in outcome.items() if v in ("failed", "stopped")}
+        done = sum(v in ("done", "skipped") for v in outcome.values())
+        print(f"sweep {ladder.name}: {done} of {len(rows)} runs done" + (f"; {bad}" if bad else ""))
+        return 1 if bad else 0
+    cmds = sw.remote_commands(args.launcher, ladder, rows, zone=args.zone, accelerator=args.accelerator)
+    if args.dry_run or not args.submit:
+        for cmd in cmds:
+            print(shell(cmd))
+        return 0
+    return 1 if sw.submit(cmds) else 0
+
+
+def cmd_fit(args) -> int:
+    from morpheus_jax.apps.scaling import fit as ft  # lazy: start-up time
+    from morpheus_jax.apps.scaling import plots  # lazy: start-up time
+    from morpheus_jax.apps.scaling import sweep as sw  # lazy: start-up time
+
+    if bool(args.runs_dir) == bool(args.table):
+        raise ConfigError("give a runs folder or --table FILE.csv (one of them)")
+    rows = sw.collect(args.runs_dir, args.group_sizes) if args.runs_dir else sw.read_table(args.table)
+    if args.params_column not in rows[0]:
+        raise ConfigError(f"the table has no column {args.params_column!r}")
+    relation = ft.ComputeRelation() if args.compute == "6nd" else None
+    report, boot = ft.fit_table(rows, params_column=args.params_column, n_boot=args.bootstrap, seed=args.seed,
+                                confidence=args.confidence, relation=relation)
+    out = Path(args.out)
+    sw.write_table(rows, out / "table.csv")
+    write_json(out / "fit.json", report)
+    written = [out / "fit.json", out / "table.csv"]
+    if not args.no_plots:
+        law = ft.Law(report["E"], report["A"], report["B"], report["alpha"], report["beta"])
+        rel = ft.ComputeRelation(report["compute_relation"]["k"], report["compute_relation"]["gamma"],
+                                 report["compute_relation"]["source"])
+        written.append(plots.loss_vs_compute(rows, law, rel, out / "loss_vs_compute.png", args.params_column))
+        written.append(plots.optimal_allocation_plot(law, rel, out / "optimal_allocation.png",
+                                                     [f["compute"] for f in report["frontier"]], boot, rows,
+                                                     args.confidence, args.params_column))
+    ci = report["intervals"]
+
+    def show(k):
+        v = f"{report[k]:.4g}"
+        return v + (f" [{ci[k][0]:.4g}, {ci[k][1]:.4g}]" if k in ci else "")
+
+    rel = report["compute_relation"]
+    print(f"L(N, D) = E + A/N^alpha + B/D^beta on {report['n_points']} runs "
+          f"(rms log residual {report['residual_rms_log']:.4f}; {report['bootstrap_samples']} bootstrap fits, "
+          f"{report['confidence']:.0%} intervals)")
+    for k in ("E", "A", "B", "alpha", "beta"):
+        print(f"  {k:<5} = {show(k)}")
+    ex = report["optimal_exponents"]
+    print(f"compute C = {rel['k']:.4g} * N^{rel['gamma']:.3f} * D ({rel['source']}): "
+          f"N_opt ~ C^{ex['params']:.3f}, D_opt ~ C^{ex['samples']:.3f}")
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def cmd_flops(args) -> int:
+    from morpheus_jax.apps.scaling.ladder import dataset_layouts  # lazy: start-up time
+    from morpheus_jax.core.config import load_config  # lazy: start-up time
+    from morpheus_jax.model import flops as fl  # lazy: start-up time
+
+    cfg = load_config(args.config, args.overrides)
+    layouts = dataset_layouts(cfg, args.group_sizes)
+    if layouts is None:
+        raise ConfigError(f"no dataset at {cfg.data.dir}: pass --group-sizes JSON (e.g. "
+                         "the shipped paper_group_sizes)")
+    batch = args.batch or cfg.train.global_batch_size
+    f = fl.step_flops(cfg.model, layouts, batch, cfg.data.num_patches, cfg.masking.ratio)
+    p = fl.param_counts(cfg.model, layouts)
+    print(json.dumps({"flops": f, "params": p}, indent=1) if args.json else fl.summary(f, p))
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``sweep`` and ``scaling`` (``fit``, ``flops``) to the ``morpheus`` subcommands."""
+    s = subparsers.add_parser(
+        "sweep", help="expand a scaling ladder into runs and run them (or print/submit their launch commands)",
+        description="Expand a ladder YAML (base config, fixed overrides, axes; see configs/scaling/) into "
+                    "runs, one run folder each (OUT/<run name>). Finished runs (final.json) are skipped, "
+                    "interrupted ones (checkpoints, no final.json) resume.")
+    s.add_argument("ladder", help="ladder YAML file, or a name in configs/scaling/ (e.g. tiny)")
+    s.add_argument("--dry-run", action="store_true",
+                   help="print the expanded runs, their status and steps (and launch commands) without running")
+    s.add_argument("--launcher", default="local", choices=["local", "tpu_vm", "slurm"],
+                   help="local: run here one after another (default); tpu_vm / slurm: print the "
+                        "launch/tpu_vm.sh or sbatch launch/slurm_gpu.sbatch command of each unfinished run")
+    s.add_argument("--submit", action="store_true",
+                   help="with --launcher tpu_vm or slurm: run the launch commands instead of printing them")
+    s.add_argument("--out", help="output root of the run folders (default: the ladder's 'out')")
+    s.add_argument("--only", nargs="+", metavar="RUN", help="run only these runs of the ladder (by name)")
+    s.add_argument("--subprocess", action="store_true",
+                   help="local: each run in its own `morpheus pretrain` process (default: in this process)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar during local runs")
+    s.add_argument("--zone", help="tpu_vm: the TPU zone (default: the ladder's launch.zone)")
+    s.add_argument("--accelerator", help="tpu_vm: the accelerator type, e.g. v5litepod-32 (default: the "
+                                         "ladder's launch.accelerator, else launch/tpu_vm.sh's default)")
+    s.set_defaults(fn=cmd_sweep)
+
+    s = subparsers.add_parser("scaling", help="scaling laws: fit L(N, D) to runs, count FLOPs and parameters",
+                              description="Scaling-law tools. `scaling fit` fits L(N, D) = E + A/N^alpha + "
+                                          "B/D^beta to a sweep's runs or a table; `scaling flops` prints the "
+                                          "analytic training FLOPs and parameter counts of a config.")
+    sub = s.add_subparsers(dest="scaling_command", metavar="SUBCOMMAND", required=True,
+                           help="fit (law, intervals, frontier, plots) or flops (FLOP and parameter counts)")
+
+    f = sub.add_parser("fit", help="fit L(N, D) = E + A/N^alpha + B/D^beta with bootstrap intervals and plots",
+                       description="Fit Chinchilla's parametric law (Huber loss on log residuals, L-BFGS-B from a "
+                                   "grid of initialisations), bootstrap confidence intervals and the "
+                                   "compute-optimal frontier. Writes OUT/fit.json, OUT/table.csv, "
+                                   "OUT/loss_vs_compute.png and OUT/optimal_allocation.png.")
+    f.add_argument("runs_dir", nargs="?",
+                   help="folder of runs (any depth): each finished run (final.json) gives one row")
+    f.add_argument("--table", help="instead of a runs folder: a CSV with columns params, samples, loss "
+                                   "(and optionally flops: training FLOPs of the run)")
+    f.add_argument("--out", required=True, help="output folder for fit.json, table.csv and the plots")
+    f.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals (default 200)")
+    f.add_argument("--confidence", type=float, default=0.95, help="confidence level of the intervals (default 0.95)")
+    f.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling (default 0)")
+    f.add_argument("--params-column", default="params",
+                   help="the column used as N: params (default, all parameters) or params_without_group_mlps")
+    f.add_argument("--compute", default="measured", choices=["measured", "6nd"],
+                   help="compute relation of the frontier: measured (C = k N^gamma D fitted to the runs' analytic "
+                        "FLOPs; 6ND when the table has no flops column) or 6nd (C = 6 N D)")
+    f.add_argument("--group-sizes", help="JSON {modality: [group sizes]} for runs whose dataset is not reachable")
+    f.add_argument("--no-plots", action="store_true", help="write fit.json and table.csv only")
+    f.set_defaults(fn=cmd_fit)
+
+    f = sub.add_parser("flops", help="analytic training FLOPs per step and parameter counts of a config",
+                       description="Matmul FLOPs of one training step (forward + backward, useful and as executed "
+                                   "with bucket padding) and parameter counts, from a config and the group sizes "
+                                   "of its dataset (or --group-sizes).")
+    add_config_flags(f, "model.hidden_size=128")
+    f.add_argument("--group-sizes", help="JSON {modality: [sizes]} or the layout of paper_group_sizes.json; "
+                                         "default: the dataset manifest at data.dir")
+    f.add_argument("--batch", type=int, help="global batch size (default: train.global_batch_size)")
+    f.add_argument("--json", action="store_true", help="print the full breakdown as JSON")
+    f.set_defaults(fn=cmd_flops)

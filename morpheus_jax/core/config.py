@@ -1,0 +1,326 @@
+"""Typed configuration: dataclasses, YAML files and dotted ``key=value`` overrides.
+
+A config is a value. ``load_config(path, overrides)`` reads a YAML file (keys nested as in
+the dataclasses below), applies ``section.key=value`` overrides parsed as YAML scalars, and
+rejects unknown keys with the full dotted name. ``save_config`` writes the resolved config
+that every run stores beside its outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from morpheus_jax.core.atomic import write_text
+from morpheus_jax.core.errors import ConfigError
+
+# The shipped configs live inside the package (package data), so they resolve in a wheel too.
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def shipped_file(name: str | os.PathLike, *, suffix: str = ".yaml", subdir: str = "") -> Path:
+    """An existing path as given, else a file shipped in ``CONFIG_DIR/subdir`` by bare name
+    (``paper`` → ``configs/paper.yaml``); a ``ConfigError`` naming both places otherwise."""
+    path = Path(name)
+    if path.exists():
+        return path
+    shipped = CONFIG_DIR / subdir / (path.name if path.suffix else f"{path.name}{suffix}")
+    if path.parent == Path(".") and shipped.exists():
+        return shipped
+    names = sorted(p.stem for p in (CONFIG_DIR / subdir).glob(f"*{suffix}"))
+    raise ConfigError(f"{name}: not found (no such file, and not a shipped name: {', '.join(names)})")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    dir: str = "data/demo/dataset"
+    # Raw cohort in the synth layout; `pretrain` prepares it into `dir` when `dir` is absent.
+    raw_dir: str | None = "data/demo/raw"
+    # Synthesised into raw_dir when raw_dir is absent (the demo); None: never synthesise.
+    synth_patients: int | None = 500
+    # Share of pretraining patients the synthesised cohort holds out as val-pretrain.
+    synth_val_fraction: float = 0.1
+    num_patches: int = 1024
+    # Train on this fraction of the pretrain split (scaling ladders): the first ceil(f·n)
+    # patients of one fixed permutation, so smaller fractions are subsets of larger ones.
+    train_fraction: float = 1.0
+    worker_count: int = 0
+    # Batches read ahead (and reader threads) per process / per worker.
+    prefetch_buffer: int = 4
+    eval_batch_size: int = 16
+    # Evaluation bags are padded to the next multiple of this many patches (few shapes to compile).
+    eval_bag_bucket: int = 1024
+    allow_missing_modalities: bool = False
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    hidden_size: int = 256
+    num_prototypes: int = 16
+    wsi_dim: int = 1536
+    # Width of the per-group MLPs (tokenizers and reverse tokenizers).
+    group_hidden: int = 256
+    encoder_layers: int = 1
+    encoder_heads: int = 8
+    encoder_mlp_dim: int = 256
+    encoder_dropout: float = 0.15
+    decoder_layers: int = 1
+    decoder_heads: int = 8
+    decoder_mlp_dim: int = 256
+    decoder_dropout: float = 0.0
+    modalities: list[str] = dataclasses.field(default_factory=lambda: ["rna", "dnam", "cnv"])
+    # Per-group MLP weights are stacked in this many buckets of similar group size
+    # (1 = one stack padded to the largest group).
+    group_buckets: int = 4
+    compute_dtype: str = "float32"
+    # Recompute transformer blocks' activations in the backward pass (memory for compute).
+    remat: bool = False
+    layer_norm_eps: float = 1e-5
+
+
+@dataclasses.dataclass
+class MaskingConfig:
+    ratio: float = 0.75
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 1000
+    # If set, overrides `steps` with epochs * ceil(pretrain patients / global_batch_size).
+    epochs: int | None = None
+    global_batch_size: int = 128
+    learning_rate: float = 5e-4
+    weight_decay: float = 1e-3
+    b1: float = 0.9
+    b2: float = 0.999
+    # AdamW's first moment dtype ("bfloat16" halves its memory and traffic); the second
+    # moment stays float32.
+    mu_dtype: str = "float32"
+    # "cosine": optax linear warm-up then cosine decay to end_lr_factor * lr over the run.
+    # "paper": the authors' per-epoch factor min(linear warm-up, 0.5(1+cos(pi e / period))).
+    schedule: str = "cosine"
+    warmup_steps: int = 100
+    # Cosine decay length (default: the run's steps). Set it to keep the schedule fixed
+    # when a run is extended by raising train.steps.
+    decay_steps: int | None = None
+    end_lr_factor: float = 0.0
+    warmup_epochs: int = 10
+    cosine_period_epochs: int = 500
+    grad_clip_norm: float | None = None
+    log_every: int = 10
+    eval_every: int = 200
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    every: int = 500
+    keep: int = 3
+    # Also keep this many checkpoints with the lowest val_loss (those saved at eval steps).
+    keep_best: int = 1
+
+
+def _default_rules() -> dict[str, list[str]]:
+    # Logical axis → mesh axes. A parameter dimension takes its rule unless a mesh axis is
+    # already used by another of its dimensions or does not divide it; then it is replicated.
+    return {
+        "batch": ["data", "fsdp"],
+        "embed": ["fsdp"],
+        "wsi_feature": ["fsdp"],
+        "group_hidden": ["fsdp"],
+        "mlp": ["tensor"],
+        "qkv": ["tensor"],
+        "heads_merged": ["tensor"],
+        "embed_out": ["tensor"],
+        "groups": ["tensor"],
+        "group_in": [],
+        "prototypes": [],
+        # activations
+        "act_embed": [],
+        "act_heads": ["tensor"],
+        "act_mlp": ["tensor"],
+    }
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    """Device mesh; -1 takes the devices the other axes leave."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    rules: dict[str, list[str]] = dataclasses.field(default_factory=_default_rules)
+
+
+@dataclasses.dataclass
+class Config:
+    run_dir: str = "runs/demo"
+    seed: int = 1999
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    masking: MaskingConfig = dataclasses.field(default_factory=MaskingConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check/convert a parsed YAML value against a dataclass field's type hint."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if origin is list:
+        if value is None:
+            return []
+        if not isinstance(value, (list, tuple)):
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            else:
+                raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], where) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads "3e-3" (no dot) as a string
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
+    hints = _hints(type(obj))
+    for key, value in data.items():
+        where = f"{prefix}{key}"
+        if key not in hints:
+            known = ", ".join(sorted(prefix + k for k in hints))
+            raise ConfigError(f"unknown config key '{where}' (known here: {known})")
+        current = getattr(obj, key)
+        if isinstance(current, dict) and isinstance(value, dict):
+            # Open mappings (sharding rules): keys are data, merged into the defaults.
+            merged = dict(current)
+            merged.update(_coerce(value, hints[key], where))
+            setattr(obj, key, merged)
+        elif dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: expected a mapping of sub-keys, got {value!r}")
+            _apply(current, value, where + ".")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], where))
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["train.steps=10", "model.hidden_size=64"]`` → nested dict of YAML-parsed values."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override '{item}' has an empty key part")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with an earlier override")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return nested
+
+
+def from_dict(data: dict[str, Any] | None) -> Config:
+    cfg = Config()
+    _apply(cfg, data or {})
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
+    """Default: the shipped ``demo``; a bare name (``paper``) is a shipped config (`shipped_file`)."""
+    path = shipped_file("demo" if path is None else path)
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    cfg = Config()
+    try:
+        _apply(cfg, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    _apply(cfg, parse_overrides(list(overrides)))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    m = cfg.model
+    for name, heads in (("encoder", m.encoder_heads), ("decoder", m.decoder_heads)):
+        if m.hidden_size % heads:
+            raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by model.{name}_heads={heads}")
+    if not 0.0 <= cfg.masking.ratio < 1.0:
+        raise ConfigError(f"masking.ratio must be in [0, 1), got {cfg.masking.ratio}")
+    if cfg.train.schedule not in ("cosine", "paper"):
+        raise ConfigError(f"train.schedule must be 'cosine' or 'paper', got {cfg.train.schedule!r}")
+    if cfg.train.mu_dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"train.mu_dtype must be float32 or bfloat16, got {cfg.train.mu_dtype!r}")
+    if m.compute_dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"model.compute_dtype must be float32 or bfloat16, got {m.compute_dtype!r}")
+    unknown = set(m.modalities) - {"rna", "dnam", "cnv"}
+    if unknown or not m.modalities:
+        raise ConfigError(f"model.modalities must be a non-empty subset of rna, dnam, cnv, got {m.modalities}")
+    if cfg.train.global_batch_size < 1 or cfg.train.steps < 0:
+        raise ConfigError("train.global_batch_size must be >= 1 and train.steps >= 0")
+    if not 0.0 < cfg.data.train_fraction <= 1.0:
+        raise ConfigError(f"data.train_fraction must be in (0, 1], got {cfg.data.train_fraction}")
+    if m.group_buckets < 1:
+        raise ConfigError("model.group_buckets must be >= 1")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Atomic write of the resolved config as YAML."""
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def model_config_diff(a: ModelConfig, b: ModelConfig) -> list[str]:
+    """Dotted keys whose values differ between two model configs."""
+    da, db = dataclasses.asdict(a), dataclasses.asdict(b)
+    return [f"model.{k}: {da[k]!r} != {db[k]!r}" for k in da if da[k] != db.get(k)]

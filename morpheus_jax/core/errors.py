@@ -1,0 +1,75 @@
+"""The error contract: one hierarchy for every error this package raises on purpose.
+
+``UserError`` is bad input the user can fix (a config key, a file, a dataset, a
+checkpoint, a flag): the ``morpheus`` command prints it as one line naming the culprit and
+exits 2. Anything else that escapes (a plain ``ValueError``, ``KeyError`` …) is a bug and
+keeps its traceback. Some classes also derive from the built-in exception a Python caller
+would catch for the same problem (``ValueError`` for bad values, ``FileNotFoundError`` /
+``FileExistsError`` for paths), so library users can keep catching those.
+"""
+
+from __future__ import annotations
+
+
+class MorpheusError(Exception):
+    """Base of every error raised on purpose by morpheus_jax."""
+
+
+class UserError(MorpheusError):
+    """Bad input the user can fix; the CLI prints it as one line and exits 2."""
+
+
+class InputError(UserError, ValueError):
+    """An argument or array handed to a function does not fit (shapes, names, ranges)."""
+
+
+class ConfigError(InputError):
+    """A config file, an override or a flag names an unknown key or holds a bad value."""
+
+
+class IncompatibleCheckpoint(ConfigError):
+    """Resuming or loading a checkpoint written with a different model config."""
+
+
+class LadderError(ConfigError):
+    """A scaling-ladder file that does not describe a set of runs."""
+
+
+class DataError(InputError):
+    """Raw cohort files or a prepared dataset that cannot be used."""
+
+
+class PrepareError(DataError):
+    """Raw cohort files that `prepare` cannot turn into a dataset (names the file and field)."""
+
+
+class DatasetError(DataError):
+    """A prepared dataset is missing, incomplete, corrupted or does not fit the model."""
+
+
+class DownstreamError(InputError):
+    """Downstream inputs (checkpoint, dataset, task columns, flags) that do not fit together."""
+
+
+class ExportError(InputError):
+    """Inputs to export / import that do not fit together (named in the message)."""
+
+
+class LayoutError(ExportError):
+    """A state dict or parameter dict does not fit the authors' layout for the given sizes."""
+
+
+class WeightFileError(ExportError):
+    """A weight file that cannot be read or written (format, dtype, suffix)."""
+
+
+class CheckpointNotFound(UserError, FileNotFoundError):
+    """The path names no MORPHEUS checkpoint."""
+
+
+class OutputExists(UserError, FileExistsError):
+    """An output path is taken and replacing it was not asked for."""
+
+
+class MissingPath(UserError, FileNotFoundError):
+    """An input path that does not exist."""

@@ -1,0 +1,47 @@
+"""One way to report progress: `info` and `warning` lines, and the run's metrics.jsonl.
+
+Lines go through ``tqdm.write`` so they never tear a progress bar. In a multi-process job
+`info` speaks for the job (process 0 only); `warning` is printed by every process that
+sees the problem, prefixed with its index when there are several.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+
+def _process() -> tuple[int, int]:
+    if "jax" not in sys.modules:  # JAX never started: a single process
+        return 0, 1
+    import jax
+    return jax.process_index(), jax.process_count()
+
+
+def info(msg: str) -> None:
+    index, _ = _process()
+    if index == 0:
+        tqdm.write(msg, file=sys.stdout)
+
+
+def warning(msg: str) -> None:
+    index, count = _process()
+    prefix = f"warning (process {index}): " if count > 1 else "warning: "
+    tqdm.write(prefix + msg, file=sys.stdout)
+    sys.stdout.flush()
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def append_jsonl(path: str | Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")

@@ -1,0 +1,138 @@
+"""Everything a run needs before its first step, from a prepared dataset: the model's group
+layouts, the mesh, and the sharded train state with its jitted, ahead-of-time compiled step."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from morpheus_jax.core import log
+from morpheus_jax.core import sharding as shd
+from morpheus_jax.core.config import Config, to_dict
+from morpheus_jax.core.errors import ConfigError, DatasetError
+from morpheus_jax.core.spec import GroupLayout
+from morpheus_jax.data import pipeline, records
+from morpheus_jax.engine import state as st
+from morpheus_jax.engine.step import make_train_step
+from morpheus_jax.model.morpheus import init_model
+from morpheus_jax.model.params import ParamCodec
+
+
+def layouts_from_manifest(manifest: dict, modalities, num_buckets: int) -> dict[str, GroupLayout]:
+    out = {}
+    for m in modalities:
+        if m not in manifest["modalities"]:
+            raise DatasetError(f"dataset has no modality {m!r} (has {sorted(manifest['modalities'])}); "
+                                       "set model.modalities accordingly")
+        info = manifest["modalities"][m]
+        out[m] = GroupLayout.from_mapping(info["groups"], info["features"], num_buckets)
+    return out
+
+
+def model_spec(cfg: Config, manifest: dict) -> dict:
+    """What a checkpoint needs to rebuild the model: config, groups, feature names."""
+    return {"config": to_dict(cfg),
+            "modalities": {m: {"groups": manifest["modalities"][m]["groups"],
+                               "features": manifest["modalities"][m]["features"]}
+                           for m in cfg.model.modalities}}
+
+
+@dataclasses.dataclass
+class Run:
+    """A run's static pieces: data, layouts, mesh, codec, optimizer, shardings, the step."""
+
+    cfg: Config
+    root: Path
+    manifest: dict
+    layouts: dict[str, GroupLayout]
+    num_train: int
+    steps: int
+    steps_per_epoch: int
+    mesh: jax.sharding.Mesh
+    codec: ParamCodec
+    schedule: object
+    tx: object
+    param_shardings: dict
+    state_shardings: dict
+    batch_shardings: dict
+    _initial: object = None
+
+    @property
+    def rules(self) -> dict:
+        return self.cfg.mesh.rules
+
+    def init_state(self) -> dict:
+        """Fresh state, created directly in its sharded layout."""
+        model, self._initial = self._initial or init_model(self.cfg.model, self.layouts, self.cfg.seed), None
+        state = st.init_state(self.codec.flatten(model), self.tx, self.cfg.seed)
+        return jax.device_put(state, self.state_shardings)
+
+    def abstract_state(self) -> dict:
+        """Shapes, dtypes and target shardings (what Orbax restores onto)."""
+        shapes = jax.eval_shape(lambda: st.init_state(
+            {n: jax.ShapeDtypeStruct(self.codec.shapes[n], self.codec.dtypes[n]) for n in self.codec.names},
+            self.tx, self.cfg.seed))
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            shapes, self.state_shardings)
+
+    def abstract_batch(self) -> dict:
+        b, n = self.cfg.train.global_batch_size, self.cfg.data.num_patches
+        dtype = records.patch_numpy_dtype(self.manifest["patches"]["dtype"])
+        shapes = {"wsi": ((b, n, self.manifest["patches"]["dim"]), dtype), "wsi_mask": ((b, n), np.bool_),
+                  "available": ((b, len(self.layouts)), np.bool_),
+                  "omics": {m: ((b, lay.num_features), np.float32) for m, lay in self.layouts.items()}}
+        return jax.tree.map(lambda t, s: jax.ShapeDtypeStruct(t[0], t[1], sharding=s), shapes,
+                            self.batch_shardings, is_leaf=lambda t: isinstance(t, tuple))
+
+    def compile_step(self):
+        """The train step, jitted with explicit shardings and donated state, compiled ahead
+        of time; its memory analysis is logged."""
+        step = make_train_step(self.codec, self.tx, self.schedule, self.layouts, self.cfg.masking.ratio)
+
+        def traced(state, batch):
+            with shd.activation_sharding(self.mesh, self.rules):
+                return step(state, batch)
+
+        jitted = jax.jit(traced, in_shardings=(self.state_shardings, self.batch_shardings),
+                         out_shardings=(self.state_shardings, None), donate_argnums=0)
+        compiled = jitted.lower(self.abstract_state(), self.abstract_batch()).compile()
+        mem = compiled.memory_analysis()
+        if mem is not None:
+            gb = 1 / 2**30
+            log.info(f"train step memory per device: arguments {mem.argument_size_in_bytes * gb:.2f} GiB, outputs "
+                f"{mem.output_size_in_bytes * gb:.2f} GiB, temporaries {mem.temp_size_in_bytes * gb:.2f} GiB, "
+                f"code {mem.generated_code_size_in_bytes * gb:.3f} GiB")
+        return compiled
+
+
+def build_run(cfg: Config) -> Run:
+    root = Path(cfg.data.dir)
+    manifest = records.load_manifest(root)
+    if manifest.get("allow_missing_modalities") and not cfg.data.allow_missing_modalities:
+        raise ConfigError(f"{root} was prepared with --allow-missing-modalities (some patients lack omics); "
+                          "set data.allow_missing_modalities=true to train on it")
+    layouts = layouts_from_manifest(manifest, cfg.model.modalities, cfg.model.group_buckets)
+    num_train = len(pipeline.subset_indices(manifest["counts"].get("pretrain", 0), cfg.data.train_fraction))
+    steps = st.total_steps(cfg, num_train)
+    spe = pipeline.steps_per_epoch(num_train, cfg.train.global_batch_size)
+    mesh = shd.make_mesh(cfg.mesh)
+    rules = cfg.mesh.rules
+    gbs = cfg.train.global_batch_size
+    if gbs % shd.batch_divisor(mesh, rules) or gbs % jax.process_count():
+        raise ConfigError(f"train.global_batch_size={gbs} must be divisible by the batch mesh axes "
+                          f"({shd.batch_divisor(mesh, rules)} devices) and by {jax.process_count()} processes")
+    model = init_model(cfg.model, layouts, cfg.seed)
+    codec = ParamCodec(model)
+    schedule = st.make_schedule(cfg.train, steps, spe)
+    tx = st.make_optimizer(cfg.train, schedule)
+    psh = shd.tree_shardings(codec.axes, codec.shapes, rules, mesh)
+    abstract = jax.eval_shape(lambda: st.init_state(
+        {n: jax.ShapeDtypeStruct(codec.shapes[n], codec.dtypes[n]) for n in codec.names}, tx, cfg.seed))
+    ssh = shd.state_shardings(abstract, psh, codec.shapes, mesh)
+    bsh = {"wsi": shd.batch_sharding(mesh, rules, 3), "wsi_mask": shd.batch_sharding(mesh, rules, 2),
+           "available": shd.batch_sharding(mesh, rules, 2),
+           "omics": {m: shd.batch_sharding(mesh, rules, 2) for m in layouts}}
+    return Run(cfg, root, manifest, layouts, num_train, steps, spe, mesh, codec, schedule, tx, psh, ssh, bsh, model)
