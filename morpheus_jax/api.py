@@ -28,7 +28,7 @@ from morpheus_jax.core.errors import InputError
 from morpheus_jax.core.spec import GroupLayout
 from morpheus_jax.model.masking import explicit_keep
 from morpheus_jax.model.morpheus import init_model
-from morpheus_jax.model.params import ParamCodec
+from morpheus_jax.model.params import ParamCodec, has_decoders
 
 
 def load(path: str | os.PathLike) -> "MorpheusModel":
@@ -60,7 +60,7 @@ class MorpheusModel:
         if feature_names is None:
             feature_names = {m: [f"{m}_{i}" for i in range(lay.num_features)] for m, lay in self.layouts.items()}
         self.feature_names = {m: list(feature_names[m]) for m in self.modalities}
-        self.has_decoders = any(n.startswith("omics_decoders.") for n in params)
+        self.has_decoders = has_decoders(params)
         template = init_model(config.model, self.layouts, 0, with_decoders=self.has_decoders)
         self._codec = ParamCodec(template)
         missing = [n for n in self._codec.names if n not in params]

@@ -12,11 +12,11 @@ from conftest import make_layouts, tiny_model_config
 from morpheus_jax.apps.export import export_checkpoint, import_weights
 from morpheus_jax.ckpt import torch_files as files
 from morpheus_jax.ckpt import torch_layout
-from morpheus_jax.ckpt.checkpoint import make_spec, read_checkpoint, resolve_step_dir, write_checkpoint
+from morpheus_jax.ckpt.checkpoint import read_checkpoint, resolve_step_dir, write_checkpoint
 from morpheus_jax.cli.main import main as cli_main
 from morpheus_jax.core.config import Config
 from morpheus_jax.core.errors import ExportError
-from morpheus_jax.core.spec import GroupLayout
+from morpheus_jax.core.spec import GroupLayout, ModelSpec
 from morpheus_jax.model.morpheus import init_model
 from morpheus_jax.model.params import ParamCodec
 
@@ -70,11 +70,11 @@ def save_checkpoint(run_dir, cfg, groups, features, params, step=7, optimizer=Tr
     from morpheus_jax.engine.state import init_state
 
     if not optimizer:
-        return write_checkpoint(Path(run_dir) / "checkpoints", step, params, make_spec(cfg, groups, features))
+        return write_checkpoint(Path(run_dir) / "checkpoints", step, params, ModelSpec.build(cfg, groups, features))
     state = init_state({k: jnp.asarray(v) for k, v in params.items()}, optax.adamw(1e-3), 0)
     state["step"] = jnp.asarray(step, jnp.int32)
     ckpt = Checkpointer(Path(run_dir) / "checkpoints", keep=2, async_save=False)
-    ckpt.save(step, state, None, make_spec(cfg, groups, features))
+    ckpt.save(step, state, None, ModelSpec.build(cfg, groups, features))
     ckpt.close()
     return Path(run_dir) / "checkpoints" / str(step)
 
@@ -197,19 +197,11 @@ def test_layout_round_trip_is_bitwise_and_pads_with_zeros(tiny):
     np.testing.assert_array_equal(sd["encoder_blocks.1.attn.qkv.weight"], params["encoder_blocks.1.attn.qkv.kernel"].T)
     lay = layouts["dnam"]
     g = lay.buckets[1][0]
-    name, size = lay.group_names[g], lay.sizes[g]
+    name, off = lay.group_names[g], lay.entry_offsets()
     np.testing.assert_array_equal(sd[f"omics_tokenizers.dnam.token_mlp_dict.{name}.0.0.weight"],
-                                  params["omics_tokenizers.dnam.w1.1"][0, :size].T)
+                                  params["omics_tokenizers.dnam.w1"][off[g]: off[g + 1]].T)
     np.testing.assert_array_equal(sd[f"omics_decoders.dnam.reverse_tokenizer.token_reverse.{name}.1.bias"],
-                                  params["omics_decoders.dnam.reverse_tokenizer.b2.1"][0, :size])
-    # Whatever sits in the padding of a stacked bucket is dropped by export and zero after import.
-    dirty = dict(params)
-    w = params["omics_tokenizers.dnam.w1.0"].copy()
-    w[:, -1] += 5.0
-    dirty["omics_tokenizers.dnam.w1.0"] = w
-    again = torch_layout.from_torch(torch_layout.to_torch(dirty, layouts, cfg.model), layouts, cfg.model)
-    small = [s for s, grp in enumerate(lay.buckets[0]) if lay.sizes[grp] < lay.bucket_width(0)]
-    assert small and np.all(again["omics_tokenizers.dnam.w1.0"][small, -1] == 0)
+                                  params["omics_decoders.dnam.reverse_tokenizer.b2"][off[g]: off[g + 1]])
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
@@ -407,3 +399,67 @@ def test_pytorch_docs_example_runs(tiny, tmp_path, monkeypatch):
     assert ran == {"bash": 2, "python": 3}
     assert namespace["tokens"].shape == (2, 1 + cfg.model.num_prototypes + len(groups["rna"]), 32)
     assert namespace["cnv_genes"].shape == (2, len(features["cnv"]))
+
+
+# -- checkpoints: params-only reads, the bucketed layout of 0.1 --------------------------------------
+
+def test_export_reads_no_optimizer_state(tiny, tmp_path, monkeypatch):
+    """Export deserialises the parameters only, never the AdamW moments or the rest of the
+    train state (every array Orbax reads is recorded)."""
+    from orbax.checkpoint import type_handlers
+
+    cfg, groups, features, layouts, params, run = tiny
+    read = []
+    for cls in (type_handlers.NumpyHandler, type_handlers.ArrayHandler, type_handlers.ScalarHandler):
+        async def spy(self, infos, args=None, _original=cls.deserialize):
+            read.extend(i.name for i in infos)
+            return await _original(self, infos, args)
+        monkeypatch.setattr(cls, "deserialize", spy)
+    path, _ = export_checkpoint(run, tmp_path / "w.safetensors")
+    assert sorted(read) == sorted(f"params.{n}" for n in params)
+    sd, _ = files.read_weights(path)
+    want = torch_layout.to_torch(params, layouts, cfg.model)
+    assert set(sd) == set(want)
+    for k in want:
+        np.testing.assert_array_equal(sd[k], want[k], err_msg=k)
+
+
+def _bucketed(params, layouts):
+    """The 0.1 layout, built by hand: per bucket, each group's rows zero-padded to the widest."""
+    out = {n: v for n, v in params.items()
+           if not re.match(r"omics_(tokenizers\.\w+\.(w1|b1)|decoders\.\w+\.reverse_tokenizer\.(w2|b2))$", n)}
+    for m, lay in layouts.items():
+        off = lay.entry_offsets()
+        tok, rev = f"omics_tokenizers.{m}", f"omics_decoders.{m}.reverse_tokenizer"
+        for b, bucket in enumerate(lay.buckets):
+            width, gh = lay.bucket_width(b), params[f"{tok}.w1"].shape[1]
+            w1, b1 = np.zeros((len(bucket), width, gh), np.float32), np.zeros((len(bucket), gh), np.float32)
+            w2, b2 = np.zeros((len(bucket), gh, width), np.float32), np.zeros((len(bucket), width), np.float32)
+            for slot, g in enumerate(bucket):
+                rows, size = slice(off[g], off[g + 1]), lay.sizes[g]
+                w1[slot, :size], b1[slot] = params[f"{tok}.w1"][rows], params[f"{tok}.b1"][g]
+                w2[slot, :, :size], b2[slot, :size] = params[f"{rev}.w2"][rows].T, params[f"{rev}.b2"][rows]
+            out.update({f"{tok}.w1.{b}": w1, f"{tok}.b1.{b}": b1, f"{rev}.w2.{b}": w2, f"{rev}.b2.{b}": b2})
+    return out
+
+
+def test_checkpoints_of_the_bucketed_layout_still_load(tiny, tmp_path):
+    """A checkpoint written by morpheus-jax 0.1 (per-bucket stacks, no param_layout in its spec)
+    reads as the canonical parameters, so export and `morpheus_jax.load` work on it."""
+    import dataclasses
+
+    import morpheus_jax
+    cfg, groups, features, layouts, params, _ = tiny
+    assert len(layouts["rna"].buckets) > 1
+    old = _bucketed(params, layouts)
+    spec = dataclasses.replace(ModelSpec.build(cfg, groups, features), param_layout=1)
+    step_dir = write_checkpoint(tmp_path / "old" / "checkpoints", 3, old, spec)
+    meta = json.loads((step_dir / "spec" / "metadata").read_text())
+    del meta["param_layout"]                         # 0.1 wrote no version
+    (step_dir / "spec" / "metadata").write_text(json.dumps(meta))
+    ckpt = read_checkpoint(step_dir)
+    assert set(ckpt.params) == set(params)
+    for k in params:
+        np.testing.assert_array_equal(ckpt.params[k], params[k], err_msg=k)
+    model = morpheus_jax.load(step_dir)
+    assert model.step == 3 and model.has_decoders

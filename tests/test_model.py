@@ -12,6 +12,7 @@ from morpheus_jax.engine.step import Objective
 from morpheus_jax.model.losses import group_l1, masked_mean
 from morpheus_jax.model.masking import explicit_keep, random_keep
 from morpheus_jax.model.morpheus import init_model
+from morpheus_jax.model.params import ParamCodec
 
 
 def _randomise(model, seed=0, scale=0.3):
@@ -137,19 +138,35 @@ def test_grouped_mlps_equal_per_group_mlps(buckets):
         tokens = rng.normal(size=(2, l.num_groups, 32)).astype(np.float32)
         got_rev = np.asarray(rev(jnp.asarray(tokens)))
         elu = lambda v: np.where(v > 0, v, np.expm1(np.minimum(v, 0)))
-        start = 0
+        off = l.entry_offsets()
         for g, feats in enumerate(l.feature_index):
-            b = next(i for i, bk in enumerate(l.buckets) if g in bk)
-            slot = l.buckets[b].index(g)
-            size = len(feats)
-            w1 = np.asarray(tok.w1[b][...])[slot, :size]
-            h = elu(x[:, list(feats)] @ w1 + np.asarray(tok.b1[b][...])[slot])
+            rows = slice(off[g], off[g + 1])            # the group's rows of the canonical stacks
+            w1 = np.asarray(tok.w1[...])[rows]
+            h = elu(x[:, list(feats)] @ w1 + np.asarray(tok.b1[...])[g])
             want = elu(h @ np.asarray(tok.w2[...])[g] + np.asarray(tok.b2[...])[g])
             np.testing.assert_allclose(got[:, g], want, atol=1e-5, rtol=1e-5)
             h = elu(tokens[:, g] @ np.asarray(rev.w1[...])[g] + np.asarray(rev.b1[...])[g])
-            want = h @ np.asarray(rev.w2[b][...])[slot][:, :size] + np.asarray(rev.b2[b][...])[slot, :size]
-            np.testing.assert_allclose(got_rev[:, start: start + size], want, atol=1e-5, rtol=1e-5)
-            start += size
+            want = h @ np.asarray(rev.w2[...])[rows].T + np.asarray(rev.b2[...])[rows]
+            np.testing.assert_allclose(got_rev[:, rows], want, atol=1e-5, rtol=1e-5)
+
+
+def test_bucket_count_does_not_change_the_stored_layout():
+    """Parameters have the same names and shapes whatever model.group_buckets is, and a
+    model built with one bucket count computes the same function with another."""
+    small, big = make_layouts(buckets=1), make_layouts(buckets=3)
+    a = ParamCodec(init_model(tiny_model_config(), small, 0))
+    b = ParamCodec(init_model(tiny_model_config(), big, 0))
+    assert a.names == b.names and a.shapes == b.shapes
+    params = a.flatten(init_model(tiny_model_config(), small, 0))
+    rng = np.random.default_rng(4)
+    for m, lay in small.items():
+        x = jnp.asarray(rng.normal(size=(2, lay.num_features)).astype(np.float32))
+        tokens = jnp.asarray(rng.normal(size=(2, lay.num_groups, 32)).astype(np.float32))
+        ma, mb = a.model(params), b.model(params)
+        np.testing.assert_allclose(np.asarray(ma.omics_tokenizers[m](x)), np.asarray(mb.omics_tokenizers[m](x)),
+                                   rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(ma.omics_decoders[m].reverse_tokenizer(tokens)),
+                                   np.asarray(mb.omics_decoders[m].reverse_tokenizer(tokens)), rtol=1e-6, atol=1e-6)
 
 
 SUBSETS = [s for r in range(4) for s in itertools.combinations(("rna", "dnam", "cnv"), r)]

@@ -108,20 +108,19 @@ def test_group_mlps_values_and_gradients(buckets):
         return (jnp.sum(mdl.omics_tokenizers[m](x) * tokens_ct)
                 + jnp.sum(mdl.omics_decoders[m].reverse_tokenizer(dec_in) * out_ct))
 
-    def slot(g):
-        b = next(i for i, bk in enumerate(lay.buckets) if g in bk)
-        return b, lay.buckets[b].index(g)
+    off = lay.entry_offsets()
 
-    # Per-group weights cut out of the stacked ones: the authors' one-MLP-per-group model.
+    def rows(g):
+        return slice(int(off[g]), int(off[g + 1]))
+
+    # Per-group weights cut out of the canonical stacks: the authors' one-MLP-per-group model.
     per_group = {}
     for g, feats in enumerate(lay.feature_index):
-        b, s = slot(g)
-        size = len(feats)
         per_group[g] = {
-            "t1w": flat[f"{tok}.w1.{b}"][s, :size], "t1b": flat[f"{tok}.b1.{b}"][s],
+            "t1w": flat[f"{tok}.w1"][rows(g)], "t1b": flat[f"{tok}.b1"][g],
             "t2w": flat[f"{tok}.w2"][g], "t2b": flat[f"{tok}.b2"][g],
             "r1w": flat[f"{rev}.w1"][g], "r1b": flat[f"{rev}.b1"][g],
-            "r2w": flat[f"{rev}.w2.{b}"][s, :, :size], "r2b": flat[f"{rev}.b2.{b}"][s, :size]}
+            "r2w": flat[f"{rev}.w2"][rows(g)].T, "r2b": flat[f"{rev}.b2"][rows(g)]}
 
     def plain(pg):
         total, start = 0.0, 0
@@ -139,13 +138,10 @@ def test_group_mlps_values_and_gradients(buckets):
     v2, g2 = jax.jit(jax.value_and_grad(plain))(per_group)
     np.testing.assert_allclose(float(v1), float(v2), rtol=1e-5)
     for g, feats in enumerate(lay.feature_index):
-        b, s = slot(g)
-        size = len(feats)
-        pairs = [(g1[f"{tok}.w1.{b}"][s, :size], g2[g]["t1w"]), (g1[f"{tok}.b1.{b}"][s], g2[g]["t1b"]),
+        pairs = [(g1[f"{tok}.w1"][rows(g)], g2[g]["t1w"]), (g1[f"{tok}.b1"][g], g2[g]["t1b"]),
                  (g1[f"{tok}.w2"][g], g2[g]["t2w"]), (g1[f"{rev}.w1"][g], g2[g]["r1w"]),
-                 (g1[f"{rev}.w2.{b}"][s, :, :size], g2[g]["r2w"]), (g1[f"{rev}.b2.{b}"][s, :size], g2[g]["r2b"])]
+                 (g1[f"{rev}.w2"][rows(g)].T, g2[g]["r2w"]), (g1[f"{rev}.b2"][rows(g)], g2[g]["r2b"])]
         for a, c in pairs:
             np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-5)
-        assert not np.asarray(g1[f"{tok}.w1.{b}"][s, size:]).any()          # padding rows: no gradient
-        assert not np.asarray(g1[f"{rev}.w2.{b}"][s, :, size:]).any()
-        assert not np.asarray(g1[f"{rev}.b2.{b}"][s, size:]).any()
+    # Every canonical row belongs to exactly one group: the stacks hold no padding to train.
+    assert flat[f"{tok}.w1"].shape[0] == flat[f"{rev}.w2"].shape[0] == sum(lay.sizes)

@@ -159,6 +159,22 @@ def test_exact_resume_after_sigterm_and_after_raising_steps(tiny_dataset, tmp_pa
         assert extended[step] == pytest.approx(straight[step], rel=1e-6), step
 
 
+def test_resume_with_another_bucket_count_continues_the_same_losses(tiny_dataset, tmp_path):
+    """Checkpoints hold the canonical parameter layout: a run saved with model.group_buckets=4
+    resumes with group_buckets=2 (a speed knob) and continues the straight run's losses."""
+    common = ["train.decay_steps=8", "checkpoint.every=4"]
+    pretrain(tiny_run_config(tiny_dataset, tmp_path / "straight", *common, "train.steps=8", "model.group_buckets=4"),
+             progress=False)
+    straight = _losses(tmp_path / "straight")
+    run = tmp_path / "r"
+    pretrain(tiny_run_config(tiny_dataset, run, *common, "train.steps=4", "model.group_buckets=4"), progress=False)
+    pretrain(tiny_run_config(tiny_dataset, run, *common, "train.steps=8", "model.group_buckets=2"), progress=False)
+    resumed = _losses(run)
+    assert sorted(resumed) == list(range(1, 9))
+    for step in range(5, 9):
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-5), step
+
+
 def test_restore_onto_other_meshes_and_continue(tiny_dataset, tmp_path):
     """A checkpoint written on (data=4, fsdp=2) restores onto (data=8) and onto one device
     with equal parameters, and training continues from it."""

@@ -17,10 +17,10 @@ from flax import nnx
 
 from morpheus_jax.ckpt import torch_files as files
 from morpheus_jax.ckpt import torch_layout
-from morpheus_jax.ckpt.checkpoint import make_spec, read_checkpoint, write_checkpoint
+from morpheus_jax.ckpt.checkpoint import read_checkpoint, write_checkpoint
 from morpheus_jax.core.config import Config, ModelConfig, from_dict, load_config, to_dict
-from morpheus_jax.core.errors import ExportError
-from morpheus_jax.core.spec import GroupLayout
+from morpheus_jax.core.errors import ExportError, OutputExists
+from morpheus_jax.core.spec import GroupLayout, ModelSpec
 from morpheus_jax.data.prepare import canonical_features
 from morpheus_jax.model.morpheus import init_model
 
@@ -65,7 +65,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
     """Write ``out`` (suffix .safetensors or .pt) and ``out.json``; returns (path, sidecar)."""
     files.check_suffix(out)
     if Path(out).exists() and not overwrite:
-        raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
+        raise OutputExists(f"{out} exists (pass --overwrite to replace it)")
     ckpt = read_checkpoint(checkpoint)
     cfg = ckpt.config
     if cfg.model.layer_norm_eps != 1e-5:
@@ -188,7 +188,7 @@ def import_weights(path: str | os.PathLike, out: str | os.PathLike, *,
     flat = torch_layout.from_torch(sd, layouts, cfg.model, decoders=inferred.decoders)
     _check_against_model(flat, cfg.model, layouts, inferred.decoders)
     step = int(step if step is not None else (sidecar or {}).get("step", 0))
-    spec = make_spec(cfg, groups, features)
+    spec = ModelSpec.build(cfg, groups, features)
     return write_checkpoint(out, step, flat, spec, overwrite=overwrite)
 
 

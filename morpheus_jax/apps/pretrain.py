@@ -81,7 +81,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def _refuse_incompatible(cfg: Config):
     def check(step_dir: Path) -> None:
-        saved = from_dict(read_spec(step_dir)["config"])
+        saved = from_dict(read_spec(step_dir).config)
         diff = model_config_diff(saved.model, cfg.model)
         if diff:
             raise IncompatibleCheckpoint(f"{step_dir} was written with a different model config: {'; '.join(diff)} "

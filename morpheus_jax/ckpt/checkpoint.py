@@ -13,14 +13,16 @@ import dataclasses
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import numpy as np
 
+from morpheus_jax.ckpt import legacy
 from morpheus_jax.ckpt.store import Checkpointer, read_spec, restore_params
-from morpheus_jax.core.config import Config, from_dict, to_dict
-from morpheus_jax.core.errors import CheckpointNotFound
-from morpheus_jax.core.spec import GroupLayout
+from morpheus_jax.core.config import Config, from_dict
+from morpheus_jax.core.errors import CheckpointNotFound, OutputExists
+from morpheus_jax.core.spec import BUCKETED_LAYOUT, CANONICAL_LAYOUT, GroupLayout, ModelSpec
+from morpheus_jax.model.params import has_decoders
 
 
 def _is_step_dir(path: Path) -> bool:
@@ -42,74 +44,60 @@ def resolve_step_dir(path: str | os.PathLike) -> Path:
     return steps[-1][1].resolve()
 
 
-def layouts_from_spec(spec: Mapping[str, Any], cfg: Config) -> dict[str, GroupLayout]:
-    mods = spec.get("modalities") or {}
-    missing = [m for m in cfg.model.modalities if m not in mods]
-    if missing:
-        raise ValueError(f"checkpoint spec has no groups for modalities {missing}")
-    return {m: GroupLayout.from_mapping(mods[m]["groups"], mods[m]["features"], cfg.model.group_buckets)
-            for m in cfg.model.modalities}
-
-
 @dataclasses.dataclass
 class Checkpoint:
+    """A checkpoint's parameters (host float32, canonical layout) and what rebuilds its model."""
+
     step_dir: Path
     step: int
     config: Config
-    spec: dict
+    spec: ModelSpec
     layouts: dict[str, GroupLayout]
     params: dict[str, np.ndarray]
 
     @property
     def decoders(self) -> bool:
-        return any(n.startswith("omics_decoders.") for n in self.params)
+        return has_decoders(self.params)
 
     @property
     def groups(self) -> dict[str, dict[str, list[str]]]:
-        return {m: dict(self.spec["modalities"][m]["groups"]) for m in self.layouts}
+        return {m: dict(self.spec.groups[m]) for m in self.layouts}
 
     @property
     def features(self) -> dict[str, list[str]]:
-        return {m: list(self.spec["modalities"][m]["features"]) for m in self.layouts}
+        return {m: list(self.spec.features[m]) for m in self.layouts}
 
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
-
+    """Parameters and spec of a checkpoint (no optimizer state is read); checkpoints in the
+    bucketed layout of morpheus-jax 0.1 are converted on the way (`legacy`)."""
     step_dir = resolve_step_dir(path)
     spec = read_spec(step_dir)
-    cfg = from_dict(spec["config"])
-    layouts = layouts_from_spec(spec, cfg)
+    cfg = from_dict(spec.config)
+    layouts = spec.layouts(cfg.model.modalities, cfg.model.group_buckets)
     params = {k: np.asarray(v, np.float32) for k, v in restore_params(step_dir).items()}
+    if spec.param_layout == BUCKETED_LAYOUT or legacy.is_bucketed(params):
+        params = legacy.canonical_params(params, layouts)
     step = int(step_dir.name) if step_dir.name.isdigit() else 0
-    return Checkpoint(step_dir, step, cfg, spec, layouts, params)
+    return Checkpoint(step_dir, step, cfg, dataclasses.replace(spec, param_layout=CANONICAL_LAYOUT), layouts, params)
 
 
-def make_spec(cfg: Config, groups: Mapping[str, Mapping[str, list[str]]],
-              features: Mapping[str, list[str]]) -> dict:
-    """The checkpoint spec: resolved config + per-modality mapping and canonical features."""
-    return {"config": to_dict(cfg),
-            "modalities": {m: {"groups": {g: list(f) for g, f in groups[m].items()},
-                               "features": list(features[m])} for m in cfg.model.modalities}}
-
-
-def write_checkpoint(out: str | os.PathLike, step: int, params: Mapping[str, np.ndarray], spec: Mapping[str, Any],
+def write_checkpoint(out: str | os.PathLike, step: int, params: Mapping[str, np.ndarray], spec: ModelSpec,
                      *, overwrite: bool = False) -> Path:
     """Write ``<out>/<step>/{state,spec}`` (state = step + parameters, no optimizer state).
 
     ``out`` is a checkpoints folder; it must be absent or empty unless ``overwrite``.
     """
-
-
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise FileExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+            raise OutputExists(f"{out} exists and is not empty (pass --overwrite to replace it)")
         shutil.rmtree(out)
     ckpt = Checkpointer(out, keep=1, async_save=False)
     try:
         state = {"step": np.asarray(step, np.int32),
                  "params": {k: np.asarray(v, np.float32) for k, v in params.items()}}
-        ckpt.save(step, state, None, dict(spec))
+        ckpt.save(step, state, None, spec)
     finally:
         ckpt.close()
     return out.resolve() / str(step)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import grain
 import jax
@@ -24,6 +23,8 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from morpheus_jax.core import log
+from morpheus_jax.core.errors import CheckpointError, CheckpointNotFound
+from morpheus_jax.core.spec import ModelSpec
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -49,8 +50,8 @@ class Checkpointer:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state: dict, data_iter, spec: dict, metrics: dict | None = None) -> bool:
-        items = {"state": ocp.args.StandardSave(state), "spec": ocp.args.JsonSave(spec)}
+    def save(self, step: int, state: dict, data_iter, spec: ModelSpec, metrics: dict | None = None) -> bool:
+        items = {"state": ocp.args.StandardSave(state), "spec": ocp.args.JsonSave(spec.to_json())}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
         return self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
@@ -140,15 +141,26 @@ def _failed_processes(failed_here: bool) -> list[int]:
     return [int(i) for i in np.flatnonzero(flags)]
 
 
-def read_spec(step_dir: str | Path) -> dict[str, Any]:
+def read_spec(step_dir: str | Path) -> ModelSpec:
     path = Path(step_dir) / "spec" / "metadata"
     if not path.exists():
-        raise FileNotFoundError(f"{step_dir}: not a morpheus checkpoint (no spec/metadata)")
-    with open(path) as f:
-        return json.loads(f.read())
+        raise CheckpointNotFound(f"{step_dir}: not a morpheus checkpoint (no spec/metadata)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    return ModelSpec.from_json(data, str(path))
 
 
-def restore_params(step_dir: str | Path) -> dict[str, Any]:
-    """Parameters only (``{name: array}``) from a checkpoint step folder."""
-    restored = ocp.StandardCheckpointer().restore(Path(step_dir).resolve() / "state")
+def restore_params(step_dir: str | Path) -> dict[str, np.ndarray]:
+    """Parameters only (``{name: array}``, host NumPy) from a checkpoint step folder; the
+    optimizer state and the rest of the train state are not read (a partial restore)."""
+    path = Path(step_dir).resolve() / "state"
+    with ocp.PyTreeCheckpointer() as reader:
+        tree = reader.metadata(path).item_metadata.tree
+        names = list(tree["params"])
+        item = {"params": {n: np.zeros((), np.float32) for n in names}}
+        args = {"params": {n: ocp.RestoreArgs(restore_type=np.ndarray) for n in names}}
+        restored = reader.restore(path, args=ocp.args.PyTreeRestore(item=item, restore_args=args,
+                                                                     partial_restore=True))
     return dict(restored["params"])

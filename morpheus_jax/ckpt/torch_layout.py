@@ -2,12 +2,12 @@
 
 This is the one module that knows the PyTorch key names and transposes. Our parameters are
 the flat ``{dotted name: array}`` dict of `ParamCodec` (Flax kernels ``[in, out]``, per-group
-MLPs stacked in size buckets, see `GroupLayout`); the authors' module has one
+MLPs in the canonical stacked layout, see `morpheus_jax.model.tokenizers`); the authors' module has one
 ``nn.Linear`` per group, weights ``[out, in]``, keyed by the group's name.
 
 - `torch_schema`: the exact §5 keys and shapes for given sizes (what an export must hold);
-- `to_torch`: flat params → ordered state dict (bucket padding dropped);
-- `from_torch`: state dict → flat params (bucket padding put back as zeros);
+- `to_torch`: flat params → ordered state dict (per-group slices of the canonical stacks);
+- `from_torch`: state dict → flat params (the slices stacked again);
 - `infer_model`: sizes, modalities and group names read from a state dict's shapes.
 
 Every direction checks names and shapes and fails with a message naming the key.
@@ -24,6 +24,7 @@ import numpy as np
 from morpheus_jax.core.config import ModelConfig
 from morpheus_jax.core.errors import LayoutError
 from morpheus_jax.core.spec import GroupLayout
+from morpheus_jax.model.params import has_decoders
 
 # -- the §5 schema ----------------------------------------------------------------------------
 
@@ -142,15 +143,6 @@ def _plain_pairs(cfg: ModelConfig, modalities, decoders: bool):
     return pairs
 
 
-def _slots(layout: GroupLayout) -> dict[int, tuple[int, int]]:
-    """group index → (bucket, slot)."""
-    return {g: (b, s) for b, bucket in enumerate(layout.buckets) for s, g in enumerate(bucket)}
-
-
-def has_decoders(flat: Mapping[str, object]) -> bool:
-    return any(n.startswith("omics_decoders.") for n in flat)
-
-
 # -- ours → torch ---------------------------------------------------------------------------
 
 def to_torch(flat: Mapping[str, np.ndarray], layouts: Mapping[str, GroupLayout], cfg: ModelConfig, *,
@@ -181,28 +173,25 @@ def to_torch(flat: Mapping[str, np.ndarray], layouts: Mapping[str, GroupLayout],
         v = take(name)
         out[key] = v.T if transpose else v
     for m in modalities:
-        lay, slots = layouts[m], _slots(layouts[m])
+        lay = layouts[m]
+        off = lay.entry_offsets()
         tok = f"omics_tokenizers.{m}"
-        w2, b2 = take(f"{tok}.w2"), take(f"{tok}.b2")
+        w1, b1, w2, b2 = (take(f"{tok}.{k}") for k in ("w1", "b1", "w2", "b2"))
         for g, name in enumerate(lay.group_names):
-            b, s = slots[g]
-            size = lay.sizes[g]
             p = f"{tok}.token_mlp_dict.{name}"
-            out[f"{p}.0.0.weight"] = take(f"{tok}.w1.{b}")[s, :size, :].T
-            out[f"{p}.0.0.bias"] = take(f"{tok}.b1.{b}")[s]
+            out[f"{p}.0.0.weight"] = w1[off[g]: off[g + 1]].T
+            out[f"{p}.0.0.bias"] = b1[g]
             out[f"{p}.1.0.weight"] = w2[g].T
             out[f"{p}.1.0.bias"] = b2[g]
         if decoders:
             rev = f"omics_decoders.{m}.reverse_tokenizer"
-            w1, b1 = take(f"{rev}.w1"), take(f"{rev}.b1")
+            w1, b1, w2, b2 = (take(f"{rev}.{k}") for k in ("w1", "b1", "w2", "b2"))
             for g, name in enumerate(lay.group_names):
-                b, s = slots[g]
-                size = lay.sizes[g]
                 p = f"{rev}.token_reverse.{name}"
                 out[f"{p}.0.0.weight"] = w1[g].T
                 out[f"{p}.0.0.bias"] = b1[g]
-                out[f"{p}.1.weight"] = take(f"{rev}.w2.{b}")[s, :, :size].T
-                out[f"{p}.1.bias"] = take(f"{rev}.b2.{b}")[s, :size]
+                out[f"{p}.1.weight"] = w2[off[g]: off[g + 1]]
+                out[f"{p}.1.bias"] = b2[off[g]: off[g + 1]]
     n_outputs = None
     if "final_layer.kernel" in flat:  # a fine-tuned encoder's head: Sequential(Dropout, Linear)
         out["final_layer.1.weight"], out["final_layer.1.bias"] = take("final_layer.kernel").T, take("final_layer.bias")
@@ -235,11 +224,11 @@ def _check_against(sd: Mapping[str, np.ndarray], schema: Mapping[str, tuple], wh
 
 def from_torch(sd: Mapping[str, np.ndarray], layouts: Mapping[str, GroupLayout], cfg: ModelConfig,
                *, decoders: bool | None = None) -> dict[str, np.ndarray]:
-    """§5 state dict → flat params (float32), bucket padding zero. ``decoders`` None: as the
+    """§5 state dict → flat params (float32, the canonical layout). ``decoders`` None: as the
     state dict has them. Every key must be used and have its §5 shape."""
     sd = {k: np.asarray(v, np.float32) for k, v in sd.items()}
     if decoders is None:
-        decoders = any(k.startswith("omics_decoders.") for k in sd)
+        decoders = has_decoders(sd)
     modalities = list(layouts)
     n_outputs = sd["final_layer.1.bias"].shape[0] if "final_layer.1.bias" in sd else None
     _check_against(sd, torch_schema(cfg, group_sizes(layouts), decoders=decoders, n_outputs=n_outputs), "import")
@@ -251,38 +240,21 @@ def from_torch(sd: Mapping[str, np.ndarray], layouts: Mapping[str, GroupLayout],
     for key, name, transpose in _plain_pairs(cfg, modalities, decoders):
         flat[name] = np.ascontiguousarray(sd[key].T if transpose else sd[key])
     for m in modalities:
-        lay, slots = layouts[m], _slots(layouts[m])
+        lay = layouts[m]
         tok = f"omics_tokenizers.{m}"
-        g_count = lay.num_groups
-        w1 = [np.zeros((len(bk), lay.bucket_width(b), gh), np.float32) for b, bk in enumerate(lay.buckets)]
-        b1 = [np.zeros((len(bk), gh), np.float32) for bk in lay.buckets]
-        w2, b2 = np.zeros((g_count, gh, h), np.float32), np.zeros((g_count, h), np.float32)
-        for g, name in enumerate(lay.group_names):
-            b, s = slots[g]
-            p = f"{tok}.token_mlp_dict.{name}"
-            w1[b][s, : lay.sizes[g], :] = sd[f"{p}.0.0.weight"].T
-            b1[b][s] = sd[f"{p}.0.0.bias"]
-            w2[g] = sd[f"{p}.1.0.weight"].T
-            b2[g] = sd[f"{p}.1.0.bias"]
-        for b in range(len(lay.buckets)):
-            flat[f"{tok}.w1.{b}"], flat[f"{tok}.b1.{b}"] = w1[b], b1[b]
-        flat[f"{tok}.w2"], flat[f"{tok}.b2"] = w2, b2
+        mlps = [f"{tok}.token_mlp_dict.{name}" for name in lay.group_names]
+        flat[f"{tok}.w1"] = np.concatenate([sd[f"{p}.0.0.weight"].T for p in mlps]).reshape(lay.total_size, gh)
+        flat[f"{tok}.b1"] = np.stack([sd[f"{p}.0.0.bias"] for p in mlps]).reshape(lay.num_groups, gh)
+        flat[f"{tok}.w2"] = np.stack([sd[f"{p}.1.0.weight"].T for p in mlps]).reshape(lay.num_groups, gh, h)
+        flat[f"{tok}.b2"] = np.stack([sd[f"{p}.1.0.bias"] for p in mlps]).reshape(lay.num_groups, h)
         if not decoders:
             continue
         rev = f"omics_decoders.{m}.reverse_tokenizer"
-        rw1, rb1 = np.zeros((g_count, h, gh), np.float32), np.zeros((g_count, gh), np.float32)
-        rw2 = [np.zeros((len(bk), gh, lay.bucket_width(b)), np.float32) for b, bk in enumerate(lay.buckets)]
-        rb2 = [np.zeros((len(bk), lay.bucket_width(b)), np.float32) for b, bk in enumerate(lay.buckets)]
-        for g, name in enumerate(lay.group_names):
-            b, s = slots[g]
-            p = f"{rev}.token_reverse.{name}"
-            rw1[g] = sd[f"{p}.0.0.weight"].T
-            rb1[g] = sd[f"{p}.0.0.bias"]
-            rw2[b][s, :, : lay.sizes[g]] = sd[f"{p}.1.weight"].T
-            rb2[b][s, : lay.sizes[g]] = sd[f"{p}.1.bias"]
-        flat[f"{rev}.w1"], flat[f"{rev}.b1"] = rw1, rb1
-        for b in range(len(lay.buckets)):
-            flat[f"{rev}.w2.{b}"], flat[f"{rev}.b2.{b}"] = rw2[b], rb2[b]
+        mlps = [f"{rev}.token_reverse.{name}" for name in lay.group_names]
+        flat[f"{rev}.w1"] = np.stack([sd[f"{p}.0.0.weight"].T for p in mlps]).reshape(lay.num_groups, h, gh)
+        flat[f"{rev}.b1"] = np.stack([sd[f"{p}.0.0.bias"] for p in mlps]).reshape(lay.num_groups, gh)
+        flat[f"{rev}.w2"] = np.concatenate([sd[f"{p}.1.weight"] for p in mlps]).reshape(lay.total_size, gh)
+        flat[f"{rev}.b2"] = np.concatenate([sd[f"{p}.1.bias"] for p in mlps]).reshape(lay.total_size)
     return flat
 
 

@@ -139,6 +139,7 @@ def _default_rules() -> dict[str, list[str]]:
         "embed_out": ["tensor"],
         "groups": ["tensor"],
         "group_in": [],
+        "group_entries": [],
         "prototypes": [],
         # activations
         "act_embed": [],
@@ -320,7 +321,12 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
     write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+# Model settings that change how the step computes, not the function or what a checkpoint
+# stores: a run may resume with other values.
+COMPUTE_ONLY = ("group_buckets", "remat")
+
+
 def model_config_diff(a: ModelConfig, b: ModelConfig) -> list[str]:
-    """Dotted keys whose values differ between two model configs."""
+    """Dotted keys whose values differ between two model configs (`COMPUTE_ONLY` ones aside)."""
     da, db = dataclasses.asdict(a), dataclasses.asdict(b)
-    return [f"model.{k}: {da[k]!r} != {db[k]!r}" for k in da if da[k] != db.get(k)]
+    return [f"model.{k}: {da[k]!r} != {db[k]!r}" for k in da if da[k] != db.get(k) and k not in COMPUTE_ONLY]

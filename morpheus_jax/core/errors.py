@@ -63,7 +63,11 @@ class WeightFileError(ExportError):
     """A weight file that cannot be read or written (format, dtype, suffix)."""
 
 
-class CheckpointNotFound(UserError, FileNotFoundError):
+class CheckpointError(UserError):
+    """A checkpoint that cannot be read or resumed (names the step folder and the part)."""
+
+
+class CheckpointNotFound(CheckpointError, FileNotFoundError):
     """The path names no MORPHEUS checkpoint."""
 
 

@@ -12,7 +12,8 @@ import dataclasses
 
 import numpy as np
 
-from morpheus_jax.core.errors import InputError
+from morpheus_jax.core.config import Config, to_dict
+from morpheus_jax.core.errors import CheckpointError, InputError
 
 # The omics modalities, in the authors' model order.
 MODALITIES = ("rna", "dnam", "cnv")
@@ -104,6 +105,18 @@ class GroupLayout:
             idx[slot, : len(self.feature_index[g])] = self.feature_index[g]
         return idx
 
+    def entry_offsets(self) -> np.ndarray:
+        """``[G + 1]`` start of each group's entries in the mapping-order entry list (``[S]``)."""
+        return np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+
+    def bucket_entries(self, b: int) -> np.ndarray:
+        """``[Gb, Wb]`` entry indices (into ``[S]``) of bucket b's stack; padding points at S."""
+        offsets = self.entry_offsets()
+        idx = np.full((len(self.buckets[b]), self.bucket_width(b)), self.total_size, np.int32)
+        for slot, g in enumerate(self.buckets[b]):
+            idx[slot, : self.sizes[g]] = np.arange(offsets[g], offsets[g + 1])
+        return idx
+
     def bucket_order(self) -> np.ndarray:
         """Group index at each position of the bucket-concatenated order ``[G]``."""
         return np.asarray([g for bucket in self.buckets for g in bucket], np.int32)
@@ -142,3 +155,52 @@ class GroupLayout:
         np.add.at(out.T, index, grouped.T)
         counts = np.bincount(index, minlength=self.num_features).astype(np.float64)
         return (out / np.maximum(counts, 1.0)).astype(np.float32)
+
+
+# Parameter layout versions of a checkpoint (`ModelSpec.param_layout`): 1 stored the per-group
+# MLPs as bucket-padded stacks (``w1.<bucket>``; morpheus-jax 0.1), 2 the canonical stacks.
+BUCKETED_LAYOUT, CANONICAL_LAYOUT = 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What a checkpoint needs to rebuild its model without the dataset: the resolved
+    config (a dict, `morpheus_jax.core.config.to_dict`), each modality's group mapping and
+    canonical feature names, and the parameter layout version. Written as a checkpoint's
+    ``spec`` item (JSON)."""
+
+    config: dict
+    groups: dict
+    features: dict
+    param_layout: int = CANONICAL_LAYOUT
+
+    @classmethod
+    def build(cls, cfg: Config, groups, features) -> "ModelSpec":
+        """Restricted to the config's modalities, in model order."""
+        config = to_dict(cfg)
+        mods = list(cfg.model.modalities)
+        missing = [m for m in mods if m not in groups or m not in features]
+        if missing:
+            raise InputError(f"no group mapping or feature list for modalities {missing}")
+        return cls(config, {m: {g: list(f) for g, f in groups[m].items()} for m in mods},
+                   {m: list(features[m]) for m in mods})
+
+    @classmethod
+    def from_json(cls, data, where: str) -> "ModelSpec":
+        try:
+            mods = data["modalities"]
+            return cls(dict(data["config"]), {m: dict(v["groups"]) for m, v in mods.items()},
+                       {m: list(v["features"]) for m, v in mods.items()},
+                       int(data.get("param_layout", BUCKETED_LAYOUT)))
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise CheckpointError(f"{where}: not a MORPHEUS checkpoint spec ({type(e).__name__}: {e})") from None
+
+    def to_json(self) -> dict:
+        return {"config": self.config, "param_layout": self.param_layout,
+                "modalities": {m: {"groups": self.groups[m], "features": self.features[m]} for m in self.groups}}
+
+    def layouts(self, modalities, num_buckets: int) -> dict[str, GroupLayout]:
+        missing = [m for m in modalities if m not in self.groups]
+        if missing:
+            raise InputError(f"the spec has no groups for modalities {missing} (it has {list(self.groups)})")
+        return {m: GroupLayout.from_mapping(self.groups[m], self.features[m], num_buckets) for m in modalities}

@@ -11,9 +11,9 @@ import numpy as np
 
 from morpheus_jax.core import log
 from morpheus_jax.core import sharding as shd
-from morpheus_jax.core.config import Config, to_dict
+from morpheus_jax.core.config import Config
 from morpheus_jax.core.errors import ConfigError, DatasetError
-from morpheus_jax.core.spec import GroupLayout
+from morpheus_jax.core.spec import GroupLayout, ModelSpec
 from morpheus_jax.data import pipeline, records
 from morpheus_jax.engine import state as st
 from morpheus_jax.engine.step import make_train_step
@@ -32,12 +32,10 @@ def layouts_from_manifest(manifest: dict, modalities, num_buckets: int) -> dict[
     return out
 
 
-def model_spec(cfg: Config, manifest: dict) -> dict:
-    """What a checkpoint needs to rebuild the model: config, groups, feature names."""
-    return {"config": to_dict(cfg),
-            "modalities": {m: {"groups": manifest["modalities"][m]["groups"],
-                               "features": manifest["modalities"][m]["features"]}
-                           for m in cfg.model.modalities}}
+def model_spec(cfg: Config, manifest: dict) -> ModelSpec:
+    """The checkpoint spec of a run on this dataset."""
+    info = manifest["modalities"]
+    return ModelSpec.build(cfg, {m: info[m]["groups"] for m in info}, {m: info[m]["features"] for m in info})
 
 
 @dataclasses.dataclass

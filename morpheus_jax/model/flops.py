@@ -199,9 +199,9 @@ def step_flops(model_cfg: ModelConfig, layouts: Mapping, batch: int, num_patches
 # -- parameters -------------------------------------------------------------------------------------
 
 def param_counts(model_cfg: ModelConfig, layouts: Mapping, with_decoders: bool = True) -> dict[str, int]:
-    """Parameter counts: ``total`` (authors' layout, no bucket padding), ``stored`` (with the
-    padding of the stacked per-group MLPs), ``without_group_mlps`` (total minus the
-    per-group tokenizers and reverse tokenizers), ``group_mlps``, and per component."""
+    """Parameter counts: ``total`` (the authors' layout), ``stored`` (what a checkpoint holds:
+    the canonical layout has no bucket padding, so the same), ``without_group_mlps`` (total
+    minus the per-group tokenizers and reverse tokenizers), ``group_mlps``, and per component."""
     c = model_cfg
     shapes = _shapes(c, layouts)
     h, gh, d, p = c.hidden_size, c.group_hidden, c.wsi_dim, c.num_prototypes
@@ -219,21 +219,18 @@ def param_counts(model_cfg: ModelConfig, layouts: Mapping, with_decoders: bool =
         "encoder": c.encoder_layers * block(c.encoder_mlp_dim, False) + 2 * h,
         "omics_tokenizers": 0, "decoders": 0, "reverse_tokenizers": 0,
     }
-    padding = 0
     for m in c.modalities:
         s = shapes[m]
         g = s.num_groups
-        # Layer 1 of a tokenizer: size → gh (kernel rows padded); layer 2: gh → H.
+        # Layer 1 of a tokenizer: size → gh; layer 2: gh → H.
         parts["omics_tokenizers"] += s.total * gh + g * gh + g * lin(gh, h)
-        padding += (s.padded - s.total) * gh
         if with_decoders:
             parts["decoders"] += h + g * h + lin(h, h) + c.decoder_layers * block(c.decoder_mlp_dim, True) + 2 * h
-            # Reverse: H → gh, then gh → size (kernel columns and bias padded).
+            # Reverse: H → gh, then gh → size.
             parts["reverse_tokenizers"] += g * lin(h, gh) + s.total * gh + s.total
-            padding += (s.padded - s.total) * (gh + 1)
     total = sum(parts.values())
     group = parts["omics_tokenizers"] + parts["reverse_tokenizers"]
-    return {"total": total, "stored": total + padding, "without_group_mlps": total - group,
+    return {"total": total, "stored": total, "without_group_mlps": total - group,
             "group_mlps": group, "components": parts}
 
 
@@ -257,5 +254,5 @@ def summary(flops: dict, params: dict) -> str:
     comp = ", ".join(f"{k} {v['total'] / 1e9:.2f}" for k, v in flops["components"].items())
     lines.append(f"  by component (GFLOP): {comp}")
     lines.append(f"parameters: {params['total'] / 1e6:.2f} M ({params['without_group_mlps'] / 1e6:.2f} M without "
-                 f"the per-group MLPs; {params['stored'] / 1e6:.2f} M stored with bucket padding)")
+                 f"the per-group MLPs)")
     return "\n".join(lines)

@@ -44,5 +44,10 @@ class ParamCodec:
         return nnx.merge(self.graphdef, params)
 
     def stored_size(self) -> int:
-        """Stored parameter elements (bucket padding of the per-group MLPs included)."""
+        """Stored parameter elements (the canonical layout holds no padding)."""
         return sum(math.prod(s) for s in self.shapes.values())
+
+
+def has_decoders(names) -> bool:
+    """Whether flat parameter names include the omics decoders (else an encoder-only model)."""
+    return any(n.startswith("omics_decoders.") for n in names)

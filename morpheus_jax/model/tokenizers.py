@@ -1,13 +1,18 @@
 """Tokenizers: WSI prototype pooling and the per-group omics MLPs (forward and reverse).
 
-Per-group MLP weights are stored *stacked*: groups are sorted by size and split into a few
-buckets (`GroupLayout`); inside a bucket, input weights are zero-padded to the bucket's
-largest group. Padded rows/columns only ever meet zero inputs or ignored outputs, so they
-get zero gradients and stay zero under AdamW. `morpheus_jax.export` converts this layout
-to and from the authors' one-MLP-per-group layout.
+Per-group MLP weights are stored in the *canonical* layout, a function of the group mapping
+alone: the matrices whose shape depends on the group size are stacked over the group
+entries in mapping order (``w1 [S, Dh]`` of a tokenizer, row ``offset(g) + j`` = input
+feature j of group g; ``w2 [S, Dh]`` and ``b2 [S]`` of a reverse tokenizer, torch's
+``[out, in]``), the others over groups (``[G, …]``). The step computes per bucket of similar
+group sizes (`GroupLayout`, ``model.group_buckets``): `bucket_view` gathers a bucket's
+zero-padded ``[Gb, Wb, Dh]`` stack from the canonical rows (its gradient is the inverse
+gather, no scatter). So bucketing is how the step computes, never what a checkpoint holds.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +21,13 @@ from flax import nnx
 
 from morpheus_jax.core.sharding import constrain
 from morpheus_jax.core.spec import GroupLayout
-from morpheus_jax.model.layers import Dense, LayerNorm, einsum_f32, normal_init, torch_linear_init
+from morpheus_jax.model.layers import (
+    Dense,
+    LayerNorm,
+    einsum_f32,
+    normal_init,
+    torch_linear_init,
+)
 from morpheus_jax.model.wsi_pool import attention_pool
 
 Array = jax.Array
@@ -40,7 +51,33 @@ def _stacked_init(rng: np.random.Generator, layout: GroupLayout, b: int, hidden:
     else:
         kernel = rng.uniform(-1.0, 1.0, (len(bucket), hidden, width)) * (bound[:, None, None] * valid[:, None, :])
         bias = rng.uniform(-1.0, 1.0, (len(bucket), width)) * (bound[:, None] * valid)
-    return jnp.asarray(kernel.astype(np.float32)), jnp.asarray(bias.astype(np.float32))
+    return kernel.astype(np.float32), bias.astype(np.float32)
+
+
+def pack_buckets(stacks: list[np.ndarray], layout: GroupLayout) -> np.ndarray:
+    """Per-bucket ``[Gb, Wb, …]`` stacks → canonical ``[S, …]`` rows (padding dropped)."""
+    flat = np.concatenate([s.reshape((-1,) + s.shape[2:]) for s in stacks])
+    return flat[layout.flat_from_buckets()]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def bucket_view(rows: Array, layout: GroupLayout) -> tuple[Array, ...]:
+    """Canonical ``[S, D]`` rows → per-bucket ``[Gb, Wb, D]`` stacks, zero rows as padding."""
+    full = jnp.concatenate([rows, jnp.zeros((1,) + rows.shape[1:], rows.dtype)])
+    return tuple(full[layout.bucket_entries(b)] for b in range(len(layout.buckets)))
+
+
+def _bucket_view_fwd(rows, layout):
+    return bucket_view(rows, layout), None
+
+
+def _bucket_view_bwd(layout, _, grads):
+    # Each canonical row appears once among the stacks: its gradient is a gather.
+    flat = jnp.concatenate([g.reshape((-1,) + g.shape[2:]) for g in grads])
+    return (flat[layout.flat_from_buckets()],)
+
+
+bucket_view.defvjp(_bucket_view_fwd, _bucket_view_bwd)
 
 
 def elu(x):
@@ -82,8 +119,8 @@ class WSITokenizer(nnx.Module):
 class GroupTokenizer(nnx.Module):
     """One 2-layer SNN MLP per group (``Linear→ELU→Linear→ELU``), one token per group.
 
-    Layer 1 (group size → group_hidden) is stored per bucket, layer 2 (group_hidden → H)
-    stacked over all groups in mapping order.
+    Parameters (canonical): ``w1 [S, Dh]`` (group entries in mapping order), ``b1 [G, Dh]``,
+    ``w2 [G, Dh, H]``, ``b2 [G, H]``. Layer 1 computes per bucket (`bucket_view`).
     """
 
     def __init__(self, layout: GroupLayout, group_hidden: int, hidden: int, *, rng: np.random.Generator,
@@ -91,12 +128,13 @@ class GroupTokenizer(nnx.Module):
         self.layout = layout
         self.dtype = dtype
         w1, b1 = [], []
-        for b, bucket in enumerate(layout.buckets):
+        for b in range(len(layout.buckets)):   # drawn per bucket: the same values for any mapping order
             kernel, bias = _stacked_init(rng, layout, b, group_hidden, fan="size", pad_axis=1)
-            w1.append(nnx.Param(kernel, axes=("groups", "group_in", "group_hidden")))
-            b1.append(nnx.Param(bias, axes=("groups", "group_hidden")))
-        self.w1 = nnx.List(w1)
-        self.b1 = nnx.List(b1)
+            w1.append(kernel)
+            b1.append(bias)
+        self.w1 = nnx.Param(jnp.asarray(pack_buckets(w1, layout)), axes=("group_entries", "group_hidden"))
+        unsort = np.argsort(layout.bucket_order())
+        self.b1 = nnx.Param(jnp.asarray(np.concatenate(b1)[unsort]), axes=("groups", "group_hidden"))
         g = layout.num_groups
         self.w2 = nnx.Param(torch_linear_init(rng, (g, group_hidden, hidden), group_hidden),
                             axes=("groups", "group_hidden", "embed"))
@@ -107,12 +145,11 @@ class GroupTokenizer(nnx.Module):
         dt = self.dtype
         xp = jnp.concatenate([x.astype(dt), jnp.zeros((x.shape[0], 1), dt)], axis=1)
         hs = []
-        for b, (w, bias) in enumerate(zip(self.w1, self.b1)):
+        for b, w in enumerate(bucket_view(self.w1[...], self.layout)):
             xb = xp[:, self.layout.bucket_gather(b)]                   # [B, Gb, Wb]
-            h = einsum_f32("bgi,gio->bgo", xb, w[...].astype(dt))
-            hs.append(h + bias[...])
+            hs.append(einsum_f32("bgi,gio->bgo", xb, w.astype(dt)))
         unsort = np.argsort(self.layout.bucket_order())
-        h = elu(jnp.concatenate(hs, axis=1)[:, unsort]).astype(dt)   # [B, G, Dh]
+        h = elu(jnp.concatenate(hs, axis=1)[:, unsort] + self.b1[...]).astype(dt)   # [B, G, Dh]
         out = einsum_f32("bgi,gio->bgo", h, self.w2[...].astype(dt))
         return elu(out + self.b2[...]).astype(dt)
 
@@ -120,7 +157,8 @@ class GroupTokenizer(nnx.Module):
 class ReverseTokenizer(nnx.Module):
     """Per group ``Linear H→group_hidden → ELU → Linear group_hidden→size``.
 
-    Layer 1 stacked over groups in mapping order, layer 2 per bucket (zero-padded columns).
+    Parameters (canonical): ``w1 [G, H, Dh]``, ``b1 [G, Dh]``, ``w2 [S, Dh]`` (one row per
+    output entry, torch's ``[out, in]``), ``b2 [S]``. Layer 2 computes per bucket.
     """
 
     def __init__(self, layout: GroupLayout, group_hidden: int, hidden: int, *, rng: np.random.Generator,
@@ -132,12 +170,12 @@ class ReverseTokenizer(nnx.Module):
                             axes=("groups", "embed", "group_hidden"))
         self.b1 = nnx.Param(torch_linear_init(rng, (g, group_hidden), hidden), axes=("groups", "group_hidden"))
         w2, b2 = [], []
-        for b, bucket in enumerate(layout.buckets):
+        for b in range(len(layout.buckets)):
             kernel, bias = _stacked_init(rng, layout, b, group_hidden, fan="hidden", pad_axis=2)
-            w2.append(nnx.Param(kernel, axes=("groups", "group_hidden", "group_in")))
-            b2.append(nnx.Param(bias, axes=("groups", "group_in")))
-        self.w2 = nnx.List(w2)
-        self.b2 = nnx.List(b2)
+            w2.append(kernel.transpose(0, 2, 1))            # [Gb, Wb, Dh]
+            b2.append(bias)
+        self.w2 = nnx.Param(jnp.asarray(pack_buckets(w2, layout)), axes=("group_entries", "group_hidden"))
+        self.b2 = nnx.Param(jnp.asarray(pack_buckets(b2, layout)), axes=("group_entries",))
 
     def __call__(self, x: Array) -> Array:
         """x ``[B, G, H]`` decoded group tokens → ``[B, S]`` predictions, groups in mapping order."""
@@ -145,7 +183,8 @@ class ReverseTokenizer(nnx.Module):
         h = einsum_f32("bgi,gio->bgo", x.astype(dt), self.w1[...].astype(dt))
         h = elu(h + self.b1[...]).astype(dt)                         # [B, G, Dh]
         outs = []
-        for groups, w, bias in zip(self.layout.buckets, self.w2, self.b2):
-            o = einsum_f32("bgi,gio->bgo", h[:, np.asarray(groups)], w[...].astype(dt)) + bias[...]
+        for groups, w in zip(self.layout.buckets, bucket_view(self.w2[...], self.layout)):
+            o = einsum_f32("bgi,goi->bgo", h[:, np.asarray(groups)], w.astype(dt))
             outs.append(o.reshape(o.shape[0], -1))
-        return jnp.concatenate(outs, axis=1)[:, self.layout.flat_from_buckets()].astype(jnp.float32)
+        out = jnp.concatenate(outs, axis=1)[:, self.layout.flat_from_buckets()] + self.b2[...]
+        return out.astype(jnp.float32)
