@@ -321,6 +321,40 @@ def test_finetune_survival_pretrained_vs_scratch(setup, tmp_path):
     assert pre[0]["fold"].tolist() == scratch[0]["fold"].tolist()           # same folds
     assert pre[1]["method"] == "finetune" and scratch[1]["method"] == "no_pretrain"
     print("c-index pretrained", pre[1]["c_index_mean"], "no-pretrain", scratch[1]["c_index_mean"])
+    _check_fine_tuned_exports(tmp_path / "pre", data, pre[0], tmp_path)
+
+
+def _check_fine_tuned_exports(out, data, pred, tmp_path):
+    """Each fold left a checkpoint in the pretraining store (no optimizer state); `morpheus
+    export` turns one into the authors' fine-tuning layout, which the torch encoder loads
+    with strict=True (from_export) and whose outputs reproduce the fold's predictions."""
+    torch = pytest.importorskip("torch")
+    from morpheus_jax.torch import from_export
+
+    for k in range(3):
+        ckpt = read_checkpoint(out / f"fold_{k}")
+        assert ckpt.params["final_layer.kernel"].shape == (32, 5) and not ckpt.decoders
+        assert ckpt.spec.head["task"] == "survival" and ckpt.spec.head["n_outputs"] == 5
+    path = tmp_path / "fold1.safetensors"
+    assert run("export", "--checkpoint", out / "fold_1", "--out", path) == 0
+    side = json.loads(path.with_name(path.name + ".json").read_text())
+    assert side["has_head"] and side["n_outputs"] == 5 and side["module"] == "MorpheusProtoEncoder"
+    from morpheus_jax.ckpt.torch_files import read_weights
+    sd, _ = read_weights(path)
+    assert sd["final_layer.1.weight"].shape == (5, 32) and sd["final_layer.1.bias"].shape == (5,)
+    module = from_export(path).eval()                  # load_state_dict(strict=True) inside
+    assert module.final_layer[1].out_features == 5
+    root, manifest = ds.open_dataset(data)
+    fold = pred[pred["fold"] == 1]
+    by_id = {r["submitter_id"]: r for r in ds.split_records(root, manifest, "fine-tune")}
+    recs = [by_id[s] for s in fold["submitter_id"]]
+    got = np.zeros(len(recs))
+    for b in ds.iter_batches(root, recs, ds.Inputs(True, ()), batch_size=8, min_bag=512):
+        with torch.no_grad():
+            out_t = module(torch.from_numpy(b["wsi"].astype(np.float32)), {}, torch.from_numpy(b["wsi_mask"]))
+        valid = b["rows"] >= 0
+        got[b["rows"][valid]] = out_t.numpy().sum(-1)[valid]
+    np.testing.assert_allclose(got, fold["risk"].to_numpy(), rtol=1e-4, atol=1e-4)
 
 
 def test_fit_is_deterministic(setup):

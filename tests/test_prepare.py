@@ -12,6 +12,7 @@ import pytest
 from conftest import synth_dataset
 
 from morpheus_jax.core.errors import PrepareError
+from morpheus_jax.core.names import SPLITS
 from morpheus_jax.data import pipeline, records
 from morpheus_jax.data.prepare import PrepareOptions, RawCohort, canonical_features, prepare
 
@@ -43,7 +44,7 @@ def test_prepared_values_equal_raw_after_transforms(cohort):
         assert list(manifest["modalities"][m]["groups"]) == list(groups)
     expected = {m: _expected_omics(raw, m, manifest["modalities"][m]["features"]) for m in ("rna", "dnam", "cnv")}
     n_seen = 0
-    for split in records.SPLITS:
+    for split in SPLITS:
         recs = pipeline.read_split(root / "ds", split, manifest)
         assert len(recs) == manifest["counts"][split]
         assert [r["index"] for r in recs] == list(range(len(recs)))

@@ -1,6 +1,7 @@
 """Scale-out on CPU: meshes, two processes, exact resume, restore onto other meshes,
 damaged checkpoints, launch scripts."""
 
+import json
 import os
 import shutil
 import signal
@@ -16,7 +17,7 @@ from conftest import tiny_overrides, tiny_run_config
 
 from morpheus_jax.apps.pretrain import pretrain
 from morpheus_jax.ckpt.store import Checkpointer, checkpoint_dir, restore_params
-from morpheus_jax.core.errors import IncompatibleCheckpoint
+from morpheus_jax.core.errors import CheckpointError, IncompatibleCheckpoint
 from morpheus_jax.core.log import read_jsonl
 from morpheus_jax.engine.run import build_run
 
@@ -231,6 +232,14 @@ def test_damaged_latest_checkpoint_is_skipped_and_incompatible_config_refused(ti
     assert sorted(_losses(run_dir)) == list(range(1, 7))
     with pytest.raises(IncompatibleCheckpoint, match=r"model.hidden_size: 32 != 48"):
         pretrain(tiny_run_config(tiny_dataset, run_dir, "train.steps=8", "model.hidden_size=48"), progress=False)
+    # A checkpoint of the 0.1 bucketed layout (no param_layout in its spec) is refused, not set aside.
+    meta = ckdir / "6" / "spec" / "metadata"
+    spec = json.loads(meta.read_text())
+    del spec["param_layout"]
+    meta.write_text(json.dumps(spec))
+    with pytest.raises(CheckpointError, match="morpheus-jax 0.1"):
+        pretrain(tiny_run_config(tiny_dataset, run_dir, "train.steps=8"), progress=False)
+    assert (ckdir / "6" / "state").is_dir()
 
 
 def test_launch_scripts_dry_run():

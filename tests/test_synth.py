@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from morpheus_jax.data.synth import MODALITIES, write_synthetic_cohort
+from morpheus_jax.core.names import MODALITIES
+from morpheus_jax.data.synth import write_synthetic_cohort
 
 FIXTURES = Path(__file__).parent.parent / "morpheus_jax" / "configs"
 SMALL = dict(n_patients=120, feature_dim=16, mean_patches_per_slide=64, progress=False,

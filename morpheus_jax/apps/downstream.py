@@ -23,6 +23,7 @@ from morpheus_jax.api import MorpheusModel, load
 from morpheus_jax.apps.plots import _pyplot
 from morpheus_jax.core.atomic import replacing, save_figure, write_csv, write_json
 from morpheus_jax.core.errors import DownstreamError
+from morpheus_jax.core.names import MODALITIES, SPLITS
 from morpheus_jax.data import pipeline
 from morpheus_jax.data import records as rec
 from morpheus_jax.metrics.reconstruction import THRESHOLDS, pearson_per_feature
@@ -54,7 +55,7 @@ def parse_modalities(text: str | Sequence[str], model_modalities: Sequence[str],
     known = [WSI, *model_modalities]
     unknown = [s for s in items if s not in known]
     if unknown:
-        other = [s for s in unknown if s in ("rna", "dnam", "cnv")]
+        other = [s for s in unknown if s in MODALITIES]
         if other:
             raise DownstreamError(f"{flag}: the checkpoint has no {', '.join(other)} tokenizer "
                                   f"(its modalities: {', '.join(model_modalities)})")
@@ -68,10 +69,10 @@ def open_dataset(path: str | os.PathLike) -> tuple[Path, dict]:
 
 
 def split_records(root: Path, manifest: dict, split: str) -> list[dict]:
-    """Records of one split, or of every split (``"all"``) in `records.SPLITS` order."""
+    """Records of one split, or of every split (``"all"``) in `SPLITS` order."""
     counts = manifest.get("counts", {})
     if split == "all":
-        return [r for s in rec.SPLITS if counts.get(s) for r in pipeline.read_split(root, s, manifest)]
+        return [r for s in SPLITS if counts.get(s) for r in pipeline.read_split(root, s, manifest)]
     if not counts.get(split):
         have = ", ".join(f"{s} ({n})" for s, n in counts.items() if n) or "none"
         raise DownstreamError(f"{root}: no patients in split {split!r} (splits with patients: {have})")
@@ -146,6 +147,8 @@ def _model(checkpoint):
 
 
 def _batching(model, batch_size: int | None) -> dict:
+    if batch_size is not None and batch_size < 1:
+        raise DownstreamError(f"--batch-size must be at least 1, got {batch_size}")
     data = model.config.data
     return {"batch_size": batch_size or data.eval_batch_size, "min_bag": data.eval_bag_bucket}
 

@@ -20,6 +20,7 @@ from morpheus_jax.ckpt import torch_layout
 from morpheus_jax.ckpt.checkpoint import read_checkpoint, write_checkpoint
 from morpheus_jax.core.config import Config, ModelConfig, from_dict, load_config, to_dict
 from morpheus_jax.core.errors import ExportError, OutputExists
+from morpheus_jax.core.names import MODALITIES
 from morpheus_jax.core.spec import GroupLayout, ModelSpec
 from morpheus_jax.data.prepare import canonical_features
 from morpheus_jax.model.morpheus import init_model
@@ -27,17 +28,22 @@ from morpheus_jax.model.morpheus import init_model
 SIDECAR_FORMAT = "morpheus-jax/pytorch-export"
 SIDECAR_VERSION = 1
 # The model's order when neither a sidecar nor the caller says otherwise (the authors' order).
-DEFAULT_ORDER = ("rna", "dnam", "cnv")
+DEFAULT_ORDER = MODALITIES
 
 
 
 # -- export ---------------------------------------------------------------------------------------
 
 def build_sidecar(cfg: Config, groups: Mapping[str, Mapping[str, list[str]]], features: Mapping[str, list[str]],
-                  modalities: list[str], *, encoder_only: bool, dtype: str, step: int, source: str) -> dict[str, Any]:
+                  modalities: list[str], *, encoder_only: bool, dtype: str, step: int, source: str,
+                  head: dict | None = None) -> dict[str, Any]:
     model = dataclasses.asdict(cfg.model)
     module = "MorpheusProtoEncoder" if encoder_only else "MorpheusProto"
-    if encoder_only:
+    if head is not None:
+        note = (f"Fine-tuned encoder with its task head final_layer.1 ({head['n_outputs']} outputs): load with "
+                f"MorpheusProtoEncoder(groups, ..., n_outputs={head['n_outputs']}).load_state_dict(sd, strict=True); "
+                "morpheus_jax.torch.from_export(FILE) does both.")
+    elif encoder_only:
         note = ("Encoder only (no decoders, no fine-tuning head): load with MorpheusProtoEncoder(groups, ..., "
                 "n_outputs=None).load_state_dict(sd, strict=True), then add_head(n_outputs) for a new task; "
                 "morpheus_jax.torch.from_export(FILE, n_outputs=...) does both.")
@@ -45,7 +51,8 @@ def build_sidecar(cfg: Config, groups: Mapping[str, Mapping[str, list[str]]], fe
         note = "Full pretraining model: MorpheusProto(groups, ...).load_state_dict(sd, strict=True)."
     return {
         "format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "module": module, "encoder_only": encoder_only,
-        "has_head": False, "dtype": dtype, "step": step, "source": source, "note": note,
+        "has_head": head is not None, **({"n_outputs": head["n_outputs"], "head": head} if head else {}),
+        "dtype": dtype, "step": step, "source": source, "note": note,
         "config": {k: model[k] for k in ("hidden_size", "num_prototypes", "wsi_dim", "group_hidden",
                                          "encoder_layers", "encoder_heads", "encoder_mlp_dim", "encoder_dropout",
                                          "decoder_layers", "decoder_heads", "decoder_mlp_dim", "decoder_dropout",
@@ -81,8 +88,11 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
     if not ckpt.decoders:
         encoder_only = True
     sd = torch_layout.to_torch(ckpt.params, ckpt.layouts, cfg.model, encoder_only=encoder_only, modalities=mods)
+    head = None
+    if "final_layer.kernel" in ckpt.params:   # a fine-tuned model (morpheus finetune … --out)
+        head = {**(ckpt.spec.head or {}), "n_outputs": int(ckpt.params["final_layer.kernel"].shape[1])}
     sidecar = build_sidecar(cfg, ckpt.groups, ckpt.features, mods, encoder_only=encoder_only, dtype=dtype,
-                            step=ckpt.step, source=str(ckpt.step_dir))
+                            step=ckpt.step, source=str(ckpt.step_dir), head=head)
     path = files.write_weights(out, sd, sidecar, dtype=dtype)
     return path, sidecar
 

@@ -77,7 +77,10 @@ def _common(s, *, modalities: bool = True, split: str = "all", batch_size: bool 
 
 def _finetune_flags(s) -> None:
     _common(s, split="fine-tune")
-    s.add_argument("--out", required=True, help="output folder for predictions.csv and results.json")
+    s.add_argument("--out", required=True,
+                   help="output folder: predictions.csv, results.json, and a checkpoint of each fold's or draw's "
+                        "fine-tuned model in fold_<k>/ or draw_<i>/ (morpheus export turns it into the authors' "
+                        "fine-tuning layout)")
     s.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
     s.add_argument("--epochs", type=int, default=20, help="training epochs per fold or draw (default 20, the paper's)")
     s.add_argument("--batch-size", type=int, default=32, help="patients per training step (default 32)")

@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = args.fn(args)
     except UserError as e:
-        print(f"morpheus {name}: error: {e}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())  # one line, always
+        print(f"morpheus {name}: error: {message}", file=sys.stderr)
         code = 2
     except BaseException:
         _leave_failed_job(1, name, print_traceback=True)

@@ -19,6 +19,7 @@ import yaml
 
 from morpheus_jax.core.atomic import write_text
 from morpheus_jax.core.errors import ConfigError
+from morpheus_jax.core.names import MODALITIES
 
 # The shipped configs live inside the package (package data), so they resolve in a wheel too.
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -54,7 +55,8 @@ class DataConfig:
     # Batches read ahead (and reader threads) per process / per worker.
     prefetch_buffer: int = 4
     eval_batch_size: int = 16
-    # Evaluation bags are padded to the next multiple of this many patches (few shapes to compile).
+    # Evaluation bags (every patch) are padded to this many patches times a power of two, the
+    # smallest that holds the bag (few shapes to compile).
     eval_bag_bucket: int = 1024
     allow_missing_modalities: bool = False
 
@@ -74,7 +76,7 @@ class ModelConfig:
     decoder_heads: int = 8
     decoder_mlp_dim: int = 256
     decoder_dropout: float = 0.0
-    modalities: list[str] = dataclasses.field(default_factory=lambda: ["rna", "dnam", "cnv"])
+    modalities: list[str] = dataclasses.field(default_factory=lambda: list(MODALITIES))
     # Per-group MLP weights are stacked in this many buckets of similar group size
     # (1 = one stack padded to the largest group).
     group_buckets: int = 4
@@ -123,6 +125,9 @@ class CheckpointConfig:
     keep: int = 3
     # Also keep this many checkpoints with the lowest val_loss (those saved at eval steps).
     keep_best: int = 1
+    # Multi-process runs agree on a SIGTERM/SIGINT (a host-blocking all-gather) every this
+    # many steps, and at steps that log or evaluate; a single process checks every step.
+    preemption_check_every: int = 10
 
 
 def _default_rules() -> dict[str, list[str]]:
@@ -260,8 +265,19 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{item}' conflicts with an earlier override")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({yaml_problem(e)})") from None
     return nested
+
+
+def yaml_problem(e: Exception) -> str:
+    """A YAML parse error in one line: the problem and where (PyYAML's own text spans lines)."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if mark is not None and problem:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(e).split())
 
 
 def from_dict(data: dict[str, Any] | None) -> Config:
@@ -274,8 +290,10 @@ def from_dict(data: dict[str, Any] | None) -> Config:
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
     """Default: the shipped ``demo``; a bare name (``paper``) is a shipped config (`shipped_file`)."""
     path = shipped_file("demo" if path is None else path)
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read the config YAML ({yaml_problem(e)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     cfg = Config()
@@ -301,9 +319,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.mu_dtype must be float32 or bfloat16, got {cfg.train.mu_dtype!r}")
     if m.compute_dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"model.compute_dtype must be float32 or bfloat16, got {m.compute_dtype!r}")
-    unknown = set(m.modalities) - {"rna", "dnam", "cnv"}
-    if unknown or not m.modalities:
-        raise ConfigError(f"model.modalities must be a non-empty subset of rna, dnam, cnv, got {m.modalities}")
+    # Empty: a WSI-only encoder (fine-tuning); pretraining needs at least one (engine.run).
+    if set(m.modalities) - set(MODALITIES) or len(set(m.modalities)) != len(m.modalities):
+        raise ConfigError(f"model.modalities must be distinct names among {', '.join(MODALITIES)}, got {m.modalities}")
     if cfg.train.global_batch_size < 1 or cfg.train.steps < 0:
         raise ConfigError("train.global_batch_size must be >= 1 and train.steps >= 0")
     if not 0.0 < cfg.data.train_fraction <= 1.0:

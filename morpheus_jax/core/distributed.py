@@ -13,6 +13,8 @@ import traceback
 
 import jax
 
+from morpheus_jax.core.errors import ConfigError
+
 
 def detect() -> str | None:
     """The cluster environment JAX can initialise from by itself, if any."""
@@ -30,7 +32,11 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     ``jax.distributed`` was initialised. CPU-only jobs use gloo collectives."""
     explicit = [coordinator, num_processes, process_id]
     if any(v is not None for v in explicit) and not all(v is not None for v in explicit):
-        raise ValueError("--coordinator, --num-processes and --process-id go together")
+        given = [f for f, v in zip(("--coordinator", "--num-processes", "--process-id"), explicit) if v is not None]
+        raise ConfigError(f"--coordinator, --num-processes and --process-id go together (got only {', '.join(given)})")
+    if coordinator is not None and (num_processes < 1 or not 0 <= process_id < num_processes):
+        raise ConfigError(f"--num-processes {num_processes} --process-id {process_id}: need at least one process "
+                          "and a process id in 0 … num-processes-1")
     if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or os.environ.get("MORPHEUS_CPU_COLLECTIVES"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if coordinator is not None:

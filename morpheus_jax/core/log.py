@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 def _process() -> tuple[int, int]:
     if "jax" not in sys.modules:  # JAX never started: a single process
         return 0, 1
-    import jax
+    import jax  # lazy: only once JAX has started (checked above)
     return jax.process_index(), jax.process_count()
 
 

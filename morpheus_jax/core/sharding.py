@@ -15,23 +15,32 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from morpheus_jax.core.config import MeshConfig
+from morpheus_jax.core.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
+def _mesh_keys(sizes) -> str:
+    return " ".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes))
+
+
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
+    """``(data, fsdp, tensor)`` sizes for ``num_devices`` devices (one axis may be -1: the rest);
+    a `ConfigError` naming the ``mesh.*`` keys and the device count when they do not fit."""
     sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    given = _mesh_keys(sizes)
     free = [i for i, s in enumerate(sizes) if s == -1]
     if len(free) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got data={cfg.data} fsdp={cfg.fsdp} tensor={cfg.tensor}")
+        raise ConfigError(f"{given}: at most one mesh axis may be -1 (all the devices the others leave)")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ConfigError(f"{given}: mesh axis sizes must be positive, or -1 for one axis")
     fixed = math.prod(s for s in sizes if s != -1)
-    if any(s == 0 or s < -1 for s in sizes) or num_devices % fixed:
-        raise ValueError(f"mesh data={cfg.data} fsdp={cfg.fsdp} tensor={cfg.tensor} does not fit {num_devices} devices")
+    if free and num_devices % fixed:
+        raise ConfigError(f"{given}: the fixed axes ({fixed} devices) do not divide the {num_devices} devices present")
     if free:
         sizes[free[0]] = num_devices // fixed
     if math.prod(sizes) > num_devices:
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
-                         f"{num_devices} are present")
+        raise ConfigError(f"{given}: the mesh needs {math.prod(sizes)} devices, {num_devices} are present")
     return tuple(sizes)
 
 
@@ -44,8 +53,8 @@ def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
     if math.prod(shape) == len(devices):
         return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
     if jax.process_count() > 1:
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} must use all {len(devices)} devices "
-                         "when running several processes")
+        raise ConfigError(f"{_mesh_keys(shape)}: uses {math.prod(shape)} of the {len(devices)} devices; with "
+                          f"{jax.process_count()} processes the mesh must use them all")
     return jax.sharding.Mesh(np.asarray(devices[: math.prod(shape)]).reshape(shape), MESH_AXES, axis_types=auto)
 
 

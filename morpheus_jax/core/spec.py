@@ -15,11 +15,6 @@ import numpy as np
 from morpheus_jax.core.config import Config, to_dict
 from morpheus_jax.core.errors import CheckpointError, InputError
 
-# The omics modalities, in the authors' model order.
-MODALITIES = ("rna", "dnam", "cnv")
-# Dataset splits (metadata ``split`` column).
-SPLITS = ("pretrain", "val-pretrain", "fine-tune")
-
 
 def bucket_partition(sizes: list[int], num_buckets: int) -> list[list[int]]:
     """Split groups into ≤ num_buckets buckets minimising the padded size Σ |bucket|·max size.
@@ -173,6 +168,8 @@ class ModelSpec:
     groups: dict
     features: dict
     param_layout: int = CANONICAL_LAYOUT
+    # A fine-tuned model's task head: {"task", "n_outputs", and what its outputs mean}.
+    head: dict | None = None
 
     @classmethod
     def build(cls, cfg: Config, groups, features) -> "ModelSpec":
@@ -191,13 +188,14 @@ class ModelSpec:
             mods = data["modalities"]
             return cls(dict(data["config"]), {m: dict(v["groups"]) for m, v in mods.items()},
                        {m: list(v["features"]) for m, v in mods.items()},
-                       int(data.get("param_layout", BUCKETED_LAYOUT)))
+                       int(data.get("param_layout", BUCKETED_LAYOUT)), data.get("head"))
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise CheckpointError(f"{where}: not a MORPHEUS checkpoint spec ({type(e).__name__}: {e})") from None
 
     def to_json(self) -> dict:
-        return {"config": self.config, "param_layout": self.param_layout,
-                "modalities": {m: {"groups": self.groups[m], "features": self.features[m]} for m in self.groups}}
+        out = {"config": self.config, "param_layout": self.param_layout,
+               "modalities": {m: {"groups": self.groups[m], "features": self.features[m]} for m in self.groups}}
+        return out if self.head is None else {**out, "head": self.head}
 
     def layouts(self, modalities, num_buckets: int) -> dict[str, GroupLayout]:
         missing = [m for m in modalities if m not in self.groups]

@@ -27,7 +27,7 @@ import numpy as np
 import tensorstore as ts
 from grain.python import SharedMemoryArray
 
-from morpheus_jax.core.errors import DatasetError
+from morpheus_jax.core.errors import DatasetError, InputError
 from morpheus_jax.data import records as rec
 
 # Per process: opened patch arrays, keyed by path (workers open their own).
@@ -119,7 +119,8 @@ class TrainBatches(grain.MapDataset):
                  process_index: int = 0, process_count: int = 1, subset: np.ndarray | None = None):
         super().__init__(parent)
         if global_batch % process_count:
-            raise ValueError(f"global batch {global_batch} is not divisible by {process_count} processes")
+            raise InputError(f"global_batch={global_batch} (train.global_batch_size) is not divisible by "
+                             f"process_count={process_count} processes")
         self._root, self._n, self._big = root, num_records, global_batch
         self._b, self._p = global_batch // process_count, process_index
         self._num_patches, self._seed, self._modalities = num_patches, seed, tuple(modalities)

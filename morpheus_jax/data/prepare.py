@@ -38,10 +38,10 @@ from tqdm.auto import tqdm
 
 from morpheus_jax.core.atomic import write_json
 from morpheus_jax.core.errors import PrepareError
+from morpheus_jax.core.names import MODALITIES, SPLITS
 from morpheus_jax.data import records as rec
 from morpheus_jax.data.raw import (
     FILL,
-    MODALITIES,
     RESERVED,
     TRANSFORM,
     OmicsTable,
@@ -313,7 +313,7 @@ def prepare(cohort: RawCohort, out: str | os.PathLike, opts: PrepareOptions | No
     readers = {m: t.reader() for m, t in tables.items()}
     omics_spec = {m: (str(t.path), len(t.features)) for m, t in tables.items()}
     tasks, counts = [], {}
-    for split in rec.SPLITS:
+    for split in SPLITS:
         patients = [r for r in keep if r["split"] == split]
         counts[split] = len(patients)
         for i, p in enumerate(patients):

@@ -22,9 +22,8 @@ import numpy as np
 import pandas as pd
 
 from morpheus_jax.core.errors import PrepareError
-from morpheus_jax.data.records import SPLITS
+from morpheus_jax.core.names import MODALITIES, SPLITS
 
-MODALITIES = ("rna", "dnam", "cnv")
 FILL = {"rna": 0.0, "dnam": 0.0, "cnv": 2.0}
 TRANSFORM = {"rna": "identity", "dnam": "identity", "cnv": "log10(cn/2+1)"}
 RESERVED = {"submitter_id", "project_id", "split", "WSI"}

@@ -44,7 +44,6 @@ from morpheus_jax.core.errors import DatasetError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-SPLITS = ("pretrain", "val-pretrain", "fine-tune")
 
 
 
@@ -126,9 +125,13 @@ def load_manifest(root: str | os.PathLike) -> dict[str, Any]:
     if not path.exists():
         raise DatasetError(f"{path}: missing; {root} is not a complete prepared dataset "
                            "(an interrupted `morpheus prepare` leaves no manifest)")
-    with open(path) as f:
-        manifest = json.load(f)
-    version = manifest.get("schema_version")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DatasetError(f"{path}: unreadable or not valid JSON ({e}); "
+                           "rerun `morpheus prepare --overwrite`") from None
+    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
     if version != SCHEMA_VERSION:
         raise DatasetError(f"{path}: schema_version {version!r}, this version reads {SCHEMA_VERSION}")
     return manifest

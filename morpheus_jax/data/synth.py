@@ -60,8 +60,9 @@ import pandas as pd
 from tqdm import tqdm
 
 from morpheus_jax.core.atomic import replacing, write_csv, write_json
+from morpheus_jax.core.errors import InputError, OutputExists
+from morpheus_jax.core.names import MODALITIES
 
-MODALITIES = ("rna", "dnam", "cnv")
 ONCOTREE_CODES = ("SYNX", "SYNY", "SYNZ")
 # Approximate GRCh38 chromosome lengths (Mb): large chromosomes get more groups.
 _CHROM_MB = (248, 242, 198, 190, 181, 171, 159, 145, 138, 134, 135, 133, 114, 107, 102, 90, 83,
@@ -264,15 +265,16 @@ def _resolve_sizes(group_sizes, unique_features, groups_per_modality, rng):
         else:
             sizes[m] = rng.integers(8, 41, groups_per_modality).tolist()
         if not sizes[m] or min(sizes[m]) < 1:
-            raise ValueError(f"group sizes of {m} must be positive, got {sizes[m]}")
+            raise InputError(f"group_sizes[{m!r}] must be a non-empty list of positive sizes, got {sizes[m]}")
     uniq = {m: sum(sizes[m]) for m in ("dnam", "cnv")}
     # Real Hallmark sets: 7,010 entries over 4,168 genes, i.e. ~60 % distinct.
     uniq["rna"] = max(max(sizes["rna"]), round(0.6 * sum(sizes["rna"])))
     for m, n in (unique_features or {}).items():
         if m != "rna" and n != uniq[m]:
-            raise ValueError(f"{m} groups are disjoint: unique_features must be {uniq[m]}")
+            raise InputError(f"unique_features[{m!r}] = {n}: {m} groups are disjoint, so it must be {uniq[m]}")
         if m == "rna" and not max(sizes[m]) <= n <= sum(sizes[m]):
-            raise ValueError("rna unique_features must be in [largest group, total entries]")
+            raise InputError(f"unique_features['rna'] = {n} must be in [largest group, total entries] = "
+                             f"[{max(sizes[m])}, {sum(sizes[m])}]")
         uniq[m] = int(n)
     return sizes, uniq
 
@@ -315,15 +317,26 @@ def write_synthetic_cohort(out_dir, n_patients=500, seed=0, *, n_projects=4,
     under temporary names then renamed; metadata.csv is written last.
     """
     out = Path(out_dir)
-    if n_patients < 2 * n_projects:
-        raise ValueError(f"need at least 2 patients per project to stratify splits, got "
-                         f"n_patients={n_patients} for n_projects={n_projects}")
+    if n_projects < 1 or n_patients < 2 * n_projects:
+        raise InputError(f"need at least 2 patients per project to stratify splits, got "
+                         f"n_patients={n_patients} (--patients) for n_projects={n_projects}")
     if n_phenotypes < 2 or latent_dim < 1 or feature_dim < 1:
-        raise ValueError("need n_phenotypes >= 2, latent_dim >= 1 and feature_dim >= 1")
+        raise InputError(f"need n_phenotypes >= 2, latent_dim >= 1 and feature_dim >= 1 (--feature-dim), got "
+                         f"{n_phenotypes}, {latent_dim} and {feature_dim}")
+    if not mean_patches_per_slide > 0:
+        raise InputError(f"mean_patches_per_slide (--patches-per-slide) must be positive, got {mean_patches_per_slide}")
+    fractions = dict(val_fraction=val_fraction, finetune_fraction=finetune_fraction, float16_fraction=float16_fraction,
+                     squeezed_fraction=squeezed_fraction, empty_slide_fraction=empty_slide_fraction,
+                     omics_missing_fraction=omics_missing_fraction, nan_fraction=nan_fraction)
+    bad = {k: v for k, v in fractions.items() if not 0.0 <= v <= 1.0}
+    if bad:
+        raise InputError(f"fractions must lie in [0, 1], got {bad}")
+    if out.exists() and not out.is_dir():
+        raise OutputExists(f"{out} exists and is not a folder")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to "
-                                  f"replace the cohort in it")
+            raise OutputExists(f"{out} exists and is not empty; pass --overwrite (overwrite=True) to "
+                               f"replace the cohort in it")
         for name in ("features", "omics", "mappings"):
             shutil.rmtree(out / name, ignore_errors=True)
         for name in ("metadata.csv", "truth.npz"):

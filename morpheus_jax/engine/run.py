@@ -7,9 +7,8 @@ import dataclasses
 from pathlib import Path
 
 import jax
-import numpy as np
 
-from morpheus_jax.core import log
+from morpheus_jax.core import batch, log
 from morpheus_jax.core import sharding as shd
 from morpheus_jax.core.config import Config
 from morpheus_jax.core.errors import ConfigError, DatasetError
@@ -77,13 +76,10 @@ class Run:
                             shapes, self.state_shardings)
 
     def abstract_batch(self) -> dict:
-        b, n = self.cfg.train.global_batch_size, self.cfg.data.num_patches
-        dtype = records.patch_numpy_dtype(self.manifest["patches"]["dtype"])
-        shapes = {"wsi": ((b, n, self.manifest["patches"]["dim"]), dtype), "wsi_mask": ((b, n), np.bool_),
-                  "available": ((b, len(self.layouts)), np.bool_),
-                  "omics": {m: ((b, lay.num_features), np.float32) for m, lay in self.layouts.items()}}
-        return jax.tree.map(lambda t, s: jax.ShapeDtypeStruct(t[0], t[1], sharding=s), shapes,
-                            self.batch_shardings, is_leaf=lambda t: isinstance(t, tuple))
+        shapes = batch.shapes(self.cfg.train.global_batch_size, self.cfg.data.num_patches,
+                              self.manifest["patches"]["dim"], records.patch_numpy_dtype(self.manifest["patches"]["dtype"]),
+                              {m: lay.num_features for m, lay in self.layouts.items()})
+        return batch.abstract(shapes, self.batch_shardings)
 
     def compile_step(self):
         """The train step, jitted with explicit shardings and donated state, compiled ahead
@@ -107,6 +103,9 @@ class Run:
 
 
 def build_run(cfg: Config) -> Run:
+    """The run of ``cfg`` on its prepared dataset (``data.dir``)."""
+    if not cfg.model.modalities:
+        raise ConfigError("model.modalities is empty: masked omics modelling needs at least one of rna, dnam, cnv")
     root = Path(cfg.data.dir)
     manifest = records.load_manifest(root)
     if manifest.get("allow_missing_modalities") and not cfg.data.allow_missing_modalities:
@@ -130,7 +129,5 @@ def build_run(cfg: Config) -> Run:
     abstract = jax.eval_shape(lambda: st.init_state(
         {n: jax.ShapeDtypeStruct(codec.shapes[n], codec.dtypes[n]) for n in codec.names}, tx, cfg.seed))
     ssh = shd.state_shardings(abstract, psh, codec.shapes, mesh)
-    bsh = {"wsi": shd.batch_sharding(mesh, rules, 3), "wsi_mask": shd.batch_sharding(mesh, rules, 2),
-           "available": shd.batch_sharding(mesh, rules, 2),
-           "omics": {m: shd.batch_sharding(mesh, rules, 2) for m in layouts}}
+    bsh = batch.shardings(mesh, rules, layouts)
     return Run(cfg, root, manifest, layouts, num_train, steps, spe, mesh, codec, schedule, tx, psh, ssh, bsh, model)

@@ -1,8 +1,8 @@
-"""The jitted training step and the evaluation functions.
+"""Step builders: the update step (pretraining and fine-tuning objectives) and evaluation.
 
-``train_step(state, batch) → (state, metrics)`` does masking, forward, loss, gradients and
-the AdamW update in one compiled function; dropout and masking keys derive from
-``(state.rng, state.step)``, so a resumed run draws exactly what the straight run drew.
+``step(state, batch) → (state, metrics)`` does the forward, loss, gradients and the optax
+update in one compiled function; dropout and masking keys derive from ``(state.rng,
+state.step)``, so a resumed run draws exactly what the straight run drew.
 """
 
 from __future__ import annotations
@@ -51,8 +51,27 @@ class Objective:
         return sum(losses.values()), losses
 
 
+def make_update_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: Callable) -> Callable:
+    """``step(state, batch) → (state, metrics)``: gradients of ``loss_fn(params, batch, key) →
+    (loss, {name: scalar})`` and one optax update, the key derived from ``(state.rng,
+    state.step)``. Metrics: ``loss``, the named parts, ``lr``, ``grad_norm``. The one update
+    step of pretraining and fine-tuning."""
+
+    def step(state, batch):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, key)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {"loss": loss, **parts, "lr": schedule(state["step"]), "grad_norm": optax.tree.norm(grads)}
+        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}
+        return new_state, metrics
+
+    return step
+
+
 def make_train_step(codec: ParamCodec, tx: optax.GradientTransformation, schedule: Callable,
                     layouts: dict[str, GroupLayout], ratio: float) -> Callable:
+    """The pretraining step: masking, forward, the masked L1 objective (`Objective`)."""
     objective = Objective(layouts)
 
     def loss_fn(params, batch, key):
@@ -61,19 +80,22 @@ def make_train_step(codec: ParamCodec, tx: optax.GradientTransformation, schedul
         plan = random_keep(k_mask, objective.counts, ratio, batch["wsi"].shape[0], batch["available"])
         preds = model(batch["wsi"], batch["wsi_mask"], batch["omics"], plan, key=k_drop)
         total, losses = objective.reduce(objective.parts(preds, batch["omics"], plan, batch["available"]))
-        return total, losses
+        return total, {f"loss_{m}": v for m, v in losses.items()}
 
-    def train_step(state, batch):
-        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-        (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, key)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss, **{f"loss_{m}": v for m, v in losses.items()},
-                   "lr": schedule(state["step"]), "grad_norm": optax.tree.norm(grads)}
-        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}
-        return new_state, metrics
+    return make_update_step(loss_fn, tx, schedule)
 
-    return train_step
+
+def make_head_step(codec: ParamCodec, tx: optax.GradientTransformation, schedule: Callable,
+                   task_loss: Callable) -> Callable:
+    """The fine-tuning step: encoder + head outputs, ``task_loss(outputs, batch) → [B]``
+    averaged with the batch's row ``weight`` (0 for padding rows)."""
+
+    def loss_fn(params, batch, key):
+        out = codec.model(params)(batch["wsi"], batch["wsi_mask"], batch["omics"], key=key)
+        w = batch["weight"]
+        return jnp.sum(task_loss(out, batch) * w) / jnp.maximum(jnp.sum(w), 1.0), {}
+
+    return make_update_step(loss_fn, tx, schedule)
 
 
 def make_eval_step(codec: ParamCodec, layouts: dict[str, GroupLayout], ratio: float) -> Callable:

@@ -12,17 +12,19 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import rankdata
 
+from morpheus_jax.core.errors import InputError
+
 
 def binary_roc_auc(positive, score) -> float:
     """positive ``[n]`` bool, score ``[n]`` (higher = more positive) → AUC."""
     positive = np.asarray(positive).astype(bool).ravel()
     score = np.asarray(score, np.float64).ravel()
     if positive.shape != score.shape:
-        raise ValueError(f"labels and scores differ in length: {positive.size} vs {score.size}")
+        raise InputError(f"labels and scores differ in length: {positive.size} vs {score.size}")
     n_pos = int(positive.sum())
     n_neg = positive.size - n_pos
     if n_pos == 0 or n_neg == 0:
-        raise ValueError("ROC AUC needs both positive and negative examples")
+        raise InputError("ROC AUC needs both positive and negative examples")
     ranks = rankdata(score)                        # average ranks: a tie counts ½
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
@@ -36,10 +38,10 @@ def roc_auc(y_true, scores) -> float:
     if s.ndim == 1:
         return binary_roc_auc(y == 1, s)
     if s.ndim != 2 or s.shape[0] != y.size:
-        raise ValueError(f"scores must be [n] or [n, C] with n = {y.size}, got {list(s.shape)}")
+        raise InputError(f"scores must be [n] or [n, C] with n = {y.size}, got {list(s.shape)}")
     c = s.shape[1]
     if y.min(initial=0) < 0 or y.max(initial=0) >= c:
-        raise ValueError(f"labels must lie in 0 … {c - 1}")
+        raise InputError(f"labels must lie in 0 … {c - 1}")
     if c == 2:
         return binary_roc_auc(y == 1, s[:, 1])
     return float(np.mean([binary_roc_auc(y == k, s[:, k]) for k in range(c)]))
@@ -50,7 +52,7 @@ def balanced_accuracy(y_true, y_pred) -> float:
     y_true = np.asarray(y_true).ravel()
     y_pred = np.asarray(y_pred).ravel()
     if y_true.shape != y_pred.shape or y_true.size == 0:
-        raise ValueError("y_true and y_pred must be non-empty and of the same length")
+        raise InputError("y_true and y_pred must be non-empty and of the same length")
     classes = np.unique(y_true)
     return float(np.mean([np.mean(y_pred[y_true == k] == k) for k in classes]))
 

@@ -15,12 +15,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from morpheus_jax.core.errors import InputError
+
 
 def event_from_censorship(censorship) -> np.ndarray:
     """``[n]`` censorship (1 = censored) → ``[n]`` int event indicator (1 = observed)."""
     c = np.asarray(censorship, np.float64)
     if not np.isin(c, (0.0, 1.0)).all():
-        raise ValueError("censorship must hold 0 (event observed) and 1 (censored) only")
+        raise InputError("censorship must hold 0 (event observed) and 1 (censored) only")
     return (1 - c).astype(np.int32)
 
 
@@ -30,9 +32,9 @@ def quantile_cuts(times, events, n_bins: int = 5) -> np.ndarray:
     times = np.asarray(times, np.float64)
     observed = times[np.asarray(events).astype(bool)]
     if n_bins < 1:
-        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+        raise InputError(f"n_bins must be >= 1, got {n_bins}")
     if observed.size == 0:
-        raise ValueError("no observed events: cannot place time bins at quantiles of the event times")
+        raise InputError("no observed events: cannot place time bins at quantiles of the event times")
     return np.quantile(observed, np.linspace(0.0, 1.0, n_bins + 1)[1:-1])
 
 
@@ -63,7 +65,7 @@ def logistic_hazard_nll(phi, idx, events, reduction: str = "mean"):
         return jnp.sum(loss)
     if reduction == "mean":
         return jnp.mean(loss)
-    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    raise InputError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
 def risk_from_logits(phi) -> jax.Array:
@@ -84,10 +86,10 @@ def concordance_index_censored(event, time, estimate, tied_tol: float = 1e-8) ->
     time = np.asarray(time, np.float64).ravel()
     est = np.asarray(estimate, np.float64).ravel()
     if not (event.shape == time.shape == est.shape):
-        raise ValueError(f"event, time and estimate must have the same length, got "
+        raise InputError(f"event, time and estimate must have the same length, got "
                          f"{event.shape[0]}, {time.shape[0]}, {est.shape[0]}")
     if not (np.isfinite(time).all() and np.isfinite(est).all()):
-        raise ValueError("time and estimate must be finite")
+        raise InputError("time and estimate must be finite")
     n = time.size
     concordant = discordant = tied_risk = tied_time = comparable_total = 0
     rows = np.flatnonzero(event)

@@ -20,7 +20,7 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The state dict of a ``.safetensors`` or ``.pt`` file (tensors as stored)."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # lazy: optional dependency
 
         return load_file(str(path))
     if path.suffix in (".pt", ".pth"):
@@ -73,7 +73,9 @@ def from_export(path: str | os.PathLike, *, encoder: bool | None = None, modalit
     - ``encoder=True`` or an encoder-only export → `MorpheusProtoEncoder` with the
       tokenizers of ``modalities`` (default all); a full export's decoders (and other
       modalities' tokenizers) are left out on purpose, every other key must match;
-    - ``n_outputs``: a fresh fine-tuning head ``final_layer`` is added after loading.
+    - a fine-tuned export (``has_head`` in its sidecar) → `MorpheusProtoEncoder` with its
+      trained head ``final_layer`` loaded;
+    - ``n_outputs``: a fresh fine-tuning head ``final_layer`` replaces it after loading.
 
     Parameters come back as float32 (a bfloat16 export is widened), in training mode as
     any new module; call ``.eval()`` for inference.
@@ -81,7 +83,9 @@ def from_export(path: str | os.PathLike, *, encoder: bool | None = None, modalit
     sidecar = read_sidecar(path)
     if encoder is None:
         encoder = bool(sidecar.get("encoder_only")) or n_outputs is not None
-    model = build_from_sidecar(sidecar, encoder=encoder, modalities=modalities, dropout=dropout)
+    # A fine-tuned export carries its head (final_layer.1): build the module with it.
+    head = sidecar.get("n_outputs") if sidecar.get("has_head") else None
+    model = build_from_sidecar(sidecar, encoder=encoder, modalities=modalities, dropout=dropout, n_outputs=head)
     state = {k: v.to(torch.float32) for k, v in load_weights(path).items()}
     # Leave out, on purpose, the parts the chosen module does not have: decoders for an
     # encoder, other modalities' tokenizers and decoders. Every other key loads strictly.

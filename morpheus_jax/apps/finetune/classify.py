@@ -78,7 +78,8 @@ def run_classify(checkpoint: str | os.PathLike, dataset: str | os.PathLike, out_
                                   f"{', '.join(short)}")
         parts = [few_shot_draw(y, len(classes), k, d, s.seed) for d in range(draws)]
         unit, mode = "draw", "few-shot"
-    trainer = Finetuner(cohort.ckpt, cohort.inputs, len(classes), _loss, s, cohort.root, cohort.manifest)
+    trainer = Finetuner(cohort.ckpt, cohort.inputs, len(classes), _loss, s, cohort.root, cohort.manifest,
+                        head={"task": task, "n_outputs": len(classes), "classes": classes, "loss": "softmax"})
     log(f"{task} ({method}, {mode}{f', k = {k}' if not full else ''}) on {len(cohort.records)} {split} patients, "
         f"classes {', '.join(f'{c} ({n})' for c, n in zip(classes, counts))}, inputs {cohort.inputs.label}")
     embeddings = None
@@ -91,7 +92,7 @@ def run_classify(checkpoint: str | os.PathLike, dataset: str | os.PathLike, out_
             prob = LogisticRegression().fit(embeddings[train], y[train], len(classes)).predict_proba(embeddings[test])
         else:
             params, history = trainer.fit([cohort.records[j] for j in train], {"label": y[train].astype(np.int32)},
-                                          run=i)
+                                          run=i, save_to=Path(out_dir) / f"{unit}_{i}")
             prob = softmax(trainer.predict(params, [cohort.records[j] for j in test]))
             losses.append(history)
         pred = prob.argmax(1)

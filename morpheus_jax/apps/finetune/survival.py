@@ -53,7 +53,8 @@ def run_survival(checkpoint: str | os.PathLike, dataset: str | os.PathLike, out_
     if event.sum() < folds:
         raise DownstreamError(f"{int(event.sum())} observed events are too few for {folds} folds")
     fold_of = stratified_folds(event, folds, s.seed)
-    trainer = Finetuner(cohort.ckpt, cohort.inputs, bins, _loss, s, cohort.root, cohort.manifest)
+    trainer = Finetuner(cohort.ckpt, cohort.inputs, bins, _loss, s, cohort.root, cohort.manifest,
+                        head={"task": "survival", "n_outputs": bins, "loss": "logistic_hazard"})
     method = "finetune" if s.pretrained else "no_pretrain"
     log(f"survival ({method}) on {len(cohort.records)} {split} patients ({int(event.sum())} events), inputs "
         f"{cohort.inputs.label}, {folds} folds; {s.epochs} epochs, batch {s.batch_size}, lr {s.learning_rate:g}, "
@@ -66,7 +67,8 @@ def run_survival(checkpoint: str | os.PathLike, dataset: str | os.PathLike, out_
         cuts = quantile_cuts(times[train], event[train], bins)
         interval = bin_index(times, cuts)
         params, history = trainer.fit([cohort.records[i] for i in train],
-                                      {"interval": interval[train], "event": event[train].astype(np.float32)}, run=k)
+                                      {"interval": interval[train], "event": event[train].astype(np.float32)}, run=k,
+                                      save_to=Path(out_dir) / f"fold_{k}")
         risk[test] = trainer.predict(params, [cohort.records[i] for i in test]).sum(-1)
         c = concordance_index_censored(event[test], times[test], risk[test])[0]
         per_fold.append(c)

@@ -1,5 +1,7 @@
-"""Fine-tuning one model: AdamW with the paper's per-epoch warm-up + cosine factor (§3),
-one jitted train step reused across folds and draws, full-bag prediction.
+"""Fine-tuning one model on `engine.Trainer`: AdamW (optax) with the paper's per-epoch
+warm-up + cosine factor (§3), the engine's update step (`make_head_step`), and a checkpoint of
+the fine-tuned weights per fold or draw in the pretraining checkpoint store, which
+`morpheus export` turns into the authors' fine-tuning layout (``final_layer.1.*``).
 
 Settings default to §3's fine-tuning values: AdamW lr 5e-5, weight decay 1e-2, dropout 0.35,
 20 epochs, batch 32, warm-up 5 epochs, cosine period 25 epochs.
@@ -10,18 +12,22 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from morpheus_jax.apps.downstream import Inputs, iter_batches
 from morpheus_jax.apps.finetune.protocol import TrainSampler
 from morpheus_jax.ckpt.checkpoint import Checkpoint
-from morpheus_jax.core.errors import DownstreamError
-from morpheus_jax.engine.state import paper_schedule
+from morpheus_jax.ckpt.store import Checkpointer, checkpoint_dir
+from morpheus_jax.core.config import TrainConfig
+from morpheus_jax.core.errors import DownstreamError, OutputExists
+from morpheus_jax.core.spec import ModelSpec
+from morpheus_jax.engine import state as st
+from morpheus_jax.engine.step import make_head_step
+from morpheus_jax.engine.trainer import Trainer
 from morpheus_jax.model.heads import HEAD, MorpheusFinetune, finetune_config
 from morpheus_jax.model.params import ParamCodec
 
@@ -57,7 +63,7 @@ class Finetuner:
     """Trains and applies `MorpheusFinetune` for one checkpoint, input set and task."""
 
     def __init__(self, ckpt: Checkpoint, inputs: Inputs, n_outputs: int, task_loss: TaskLoss,
-                 settings: FinetuneSettings, root: Path, manifest: dict):
+                 settings: FinetuneSettings, root: Path, manifest: dict, head: dict | None = None):
         settings.check()
         self.s, self.inputs, self.n_outputs, self.root = settings, inputs, n_outputs, Path(root)
         self.cfg = finetune_config(ckpt.config.model, inputs.omics, settings.dropout)
@@ -72,23 +78,14 @@ class Finetuner:
         self.eval_batch = settings.eval_batch_size or data.eval_batch_size
         self.min_bag = data.eval_bag_bucket
         self.sampler = TrainSampler(root, manifest, inputs, self.num_patches, settings.seed)
-        self.tx = optax.chain(optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
-                              optax.add_decayed_weights(settings.weight_decay))
-        codec, tx = self.codec, self.tx
-
-        def loss_fn(params, batch, key):
-            out = codec.model(params)(batch["wsi"], batch["wsi_mask"], batch["omics"], key=key)
-            w = batch["weight"]
-            return jnp.sum(task_loss(out, batch) * w) / jnp.maximum(jnp.sum(w), 1.0)
-
-        def train_step(params, opt_state, batch, key_data, step, lr):
-            key = jax.random.fold_in(jax.random.wrap_key_data(key_data), step)
-            loss, grads = jax.value_and_grad(loss_fn)(params, batch, key)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            params = jax.tree.map(lambda p, u: p - lr * u, params, updates)    # AdamW: lr·(adam + wd·p)
-            return params, opt_state, loss
-
-        self._train_step = jax.jit(train_step, donate_argnums=(0, 1))
+        self.task_loss = task_loss
+        self.train_config = TrainConfig(
+            learning_rate=settings.learning_rate, weight_decay=settings.weight_decay, b1=0.9, b2=0.999,
+            schedule="paper", warmup_epochs=settings.warmup_epochs, cosine_period_epochs=settings.cosine_period_epochs)
+        run_cfg = dataclasses.replace(ckpt.config, model=self.cfg, seed=settings.seed)
+        self.spec = dataclasses.replace(ModelSpec.build(run_cfg, ckpt.groups, ckpt.features), head=head)
+        self._steps: dict[int, tuple] = {}      # steps per epoch → (optimizer, compiled step)
+        codec = self.codec
         self._predict = jax.jit(lambda p, wsi, mask, omics: codec.model(p)(wsi, mask, omics))
         self._embed = jax.jit(lambda p, wsi, mask, omics: codec.model(p).embed(wsi, mask, omics))
 
@@ -104,36 +101,68 @@ class Finetuner:
             params.update({n: jnp.asarray(v, jnp.float32) for n, v in self.pretrained.items()})
         return params
 
-    def fit(self, records: list[dict], targets: dict[str, np.ndarray], run: int) -> tuple[dict, list[float]]:
-        """Train from `init_params(run)` on ``records`` (targets: ``{name: [n]}`` the task loss
-        reads from the batch); returns the parameters and the mean training loss per epoch."""
-        n = len(records)
-        b = min(self.s.batch_size, n)
+    def _step(self, steps_per_epoch: int):
+        """Optimizer and jitted step for an epoch length (the schedule is per epoch), compiled once."""
+        if steps_per_epoch not in self._steps:
+            schedule = st.make_schedule(self.train_config, self.s.epochs * steps_per_epoch, steps_per_epoch)
+            tx = st.make_optimizer(self.train_config, schedule)
+            step = jax.jit(make_head_step(self.codec, tx, schedule, self.task_loss), donate_argnums=0)
+            self._steps[steps_per_epoch] = (tx, step)
+        return self._steps[steps_per_epoch]
+
+    def _batches(self, records, targets, run: int, n: int, b: int) -> Iterator[dict]:
+        """Each epoch a permutation of the rows in batches of ``b``; the last batch topped up
+        with rows of weight 0 (fixed shape: a smaller batch's gradient)."""
         spe = math.ceil(n / b)
-        schedule = paper_schedule(self.s.learning_rate, spe, self.s.warmup_epochs, self.s.cosine_period_epochs)
-        params = self.init_params(run)
-        opt_state = self.tx.init(params)
-        key_data = jax.random.key_data(jax.random.fold_in(jax.random.key(self.s.seed), run))
-        step, history = 0, []
         for epoch in range(self.s.epochs):
             order = np.random.default_rng([self.s.seed, run, epoch, 0xE]).permutation(n)
-            losses = []
             for k in range(spe):
                 rows = order[k * b: (k + 1) * b]
                 weight = np.ones(b, np.float32)
-                if rows.size < b:      # fixed shape: pad with rows of weight 0 (a smaller batch's gradient)
+                if rows.size < b:
                     weight[rows.size:] = 0.0
                     rows = np.concatenate([rows, order[: b - rows.size]])
                 batch = self.sampler.batch(records, rows, run, epoch)
                 batch.update({name: np.asarray(v)[rows] for name, v in targets.items()})
                 batch["weight"] = weight
-                lr = np.float32(schedule(step))
-                params, opt_state, loss = self._train_step(params, opt_state, batch, key_data, np.int32(step), lr)
-                losses.append(loss)
-                step += 1
-            history.append(float(np.mean(jax.device_get(losses))))
-        return params, history
+                yield batch
 
+    def fit(self, records: list[dict], targets: dict[str, np.ndarray], run: int,
+            save_to: Path | None = None) -> tuple[dict, list[float]]:
+        """Train from `init_params(run)` on ``records`` (targets: ``{name: [n]}`` the task loss
+        reads from the batch); returns the parameters and the mean training loss per epoch.
+        ``save_to``: a run folder that receives the fine-tuned checkpoint (``checkpoints/<step>``)."""
+        n = len(records)
+        b = min(self.s.batch_size, n)
+        spe = math.ceil(n / b)
+        tx, step = self._step(spe)
+        state = st.init_state(self.init_params(run), tx, self.s.seed)
+        state["rng"] = jax.random.key_data(jax.random.fold_in(jax.random.key(self.s.seed), run))
+        losses: list[float] = []
+        saver = None if save_to is None else self._saver(Path(save_to))
+        trainer = Trainer(step, self.s.epochs * spe, b, log_every=1, on_row=lambda row: losses.append(row["loss"]),
+                          save=saver, checkpoint_every=0, desc="finetune")
+        result = trainer.run(state, self._batches(records, targets, run, n, b))
+        if result.stopped_by:
+            raise DownstreamError(f"{result.stopped_by}: fine-tuning stopped at step {result.step} of run {run}; "
+                                  "nothing of this run was saved")
+        history = [float(np.mean(losses[e * spe: (e + 1) * spe])) for e in range(self.s.epochs)]
+        return result.state["params"], history
+
+    def _saver(self, run_dir: Path):
+        """``save(step, state, _)`` writing the fine-tuned parameters (no optimizer state: a
+        fine-tuning run is not resumed) into ``run_dir/checkpoints``."""
+        directory = checkpoint_dir(run_dir)
+        if directory.exists() and any(directory.iterdir()):
+            raise OutputExists(f"{directory} holds checkpoints already; use another --out")
+
+        def save(step: int, state: dict, _eval) -> None:
+            store = Checkpointer(directory, keep=1, async_save=False)
+            try:
+                store.save(step, {"step": state["step"], "params": state["params"]}, None, self.spec)
+            finally:
+                store.close()
+        return save
     def _apply(self, fn, params, records: list[dict], width: int) -> np.ndarray:
         out = np.zeros((len(records), width), np.float32)
         for b in iter_batches(self.root, records, self.inputs, batch_size=self.eval_batch, min_bag=self.min_bag):

@@ -22,10 +22,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import numbers
 
 import numpy as np
 from scipy import optimize
 from scipy.special import logsumexp
+
+from morpheus_jax.core.errors import InputError
 
 HUBER_DELTA = 1e-3
 # Chinchilla's grid of initialisations.
@@ -124,7 +127,7 @@ def fit_law(params, samples, loss, *, delta: float = HUBER_DELTA, starts: int = 
     """Best law and its objective: L-BFGS-B from the ``starts`` best grid points (and ``extra_starts``)."""
     log_n, log_d, log_l = (np.log(np.asarray(x, float)) for x in (params, samples, loss))
     if len(log_l) < 5:
-        raise ValueError(f"fitting 5 parameters needs at least 5 runs, got {len(log_l)}")
+        raise InputError(f"fitting 5 parameters needs at least 5 runs (finished runs or table rows), got {len(log_l)}")
     thetas, values = _grid_values(log_n, log_d, log_l, delta)
     inits = list(thetas[np.argsort(values, kind="stable")[:starts]]) + [np.asarray(t, float) for t in extra_starts]
     best, best_value = None, np.inf
@@ -194,6 +197,14 @@ def fit_table(rows: list[dict], *, params_column: str = "params", n_boot: int = 
     holds the law, its intervals, the compute relation and the frontier.
 
     ``relation`` None: measured from a ``flops`` column when every row has one, else 6ND."""
+    if not 0.0 < confidence < 1.0:
+        raise InputError(f"confidence (--confidence) must be in (0, 1), e.g. 0.95, got {confidence}")
+    for i, r in enumerate(rows):
+        for k in (params_column, "samples", "loss"):
+            v = r.get(k)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not np.isfinite(v) or v <= 0:
+                run = f" (run {r['run']})" if r.get("run") else ""
+                raise InputError(f"row {i + 1}{run}: {k} must be a positive number, got {v!r}")
     n = np.array([r[params_column] for r in rows], float)
     d = np.array([r["samples"] for r in rows], float)
     loss = np.array([r["loss"] for r in rows], float)

@@ -37,8 +37,8 @@ from typing import Any
 
 import yaml
 
-from morpheus_jax.core.config import Config, load_config, shipped_file
-from morpheus_jax.core.errors import ConfigError, LadderError
+from morpheus_jax.core.config import CONFIG_DIR, Config, load_config, shipped_file, yaml_problem
+from morpheus_jax.core.errors import ConfigError, DatasetError, LadderError
 from morpheus_jax.core.spec import GroupLayout
 from morpheus_jax.data import records
 from morpheus_jax.model.flops import sequence_lengths, step_flops
@@ -163,12 +163,15 @@ def _parse_axis(name: str, values: Any, where: str) -> Axis:
 
 
 def _resolve_base(base: str, ladder_dir: Path) -> str:
+    """A path (as given, or beside the ladder file), or a shipped name (kept as the name, so
+    launch commands stay portable)."""
     if (ladder_dir / base).exists() and not Path(base).exists():
         return str(ladder_dir / base)
     try:
-        return str(shipped_file(base))
+        found = shipped_file(base)
     except ConfigError as e:
         raise LadderError(f"base config: {e}") from None
+    return base if not Path(base).exists() and found.parent == CONFIG_DIR else str(found)
 
 
 def load_ladder(path: str | Path, out: str | Path | None = None) -> Ladder:
@@ -177,7 +180,10 @@ def load_ladder(path: str | Path, out: str | Path | None = None) -> Ladder:
         path = shipped_file(path, subdir="scaling")
     except ConfigError as e:
         raise LadderError(f"ladder file {e}") from None
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise LadderError(f"{path}: cannot read the ladder YAML ({yaml_problem(e)})") from None
     if not isinstance(data, dict):
         raise LadderError(f"{path}: expected a mapping at the top level")
     known = {"name", "base", "out", "fixed", "axes", "launch", "group_sizes", "description"}
@@ -189,6 +195,9 @@ def load_ladder(path: str | Path, out: str | Path | None = None) -> Ladder:
     if not isinstance(axes_data, dict):
         raise LadderError(f"{path}: 'axes' must be a mapping of axis name → list of values")
     axes = [_parse_axis(k, v, str(path)) for k, v in axes_data.items()]
+    for key in ("fixed", "launch"):
+        if not isinstance(data.get(key) or {}, dict):
+            raise LadderError(f"{path}: {key!r} must be a mapping of key → value, got {data[key]!r}")
     fixed = _flatten(data.get("fixed") or {})
     if "run_dir" in fixed or any("run_dir" in p.overrides for a in axes for p in a.points):
         raise LadderError(f"{path}: run_dir is set by the sweep (OUT/<run name>)")
@@ -237,8 +246,20 @@ def run_config(ladder: Ladder, run: RunSpec, steps: int | None = None) -> Config
 def read_group_sizes(path: str | Path) -> dict[str, list[int]]:
     """``{modality: [sizes]}`` from a JSON of ``{m: [sizes]}`` or ``{m: {"sizes": [...]}}``
     (the layout of the shipped ``paper_group_sizes``); a path or a shipped name."""
-    data = json.loads(shipped_file(path, suffix=".json").read_text())
-    return {m: [int(s) for s in (v["sizes"] if isinstance(v, dict) else v)] for m, v in data.items()}
+    path = shipped_file(path, suffix=".json")
+    expected = 'a JSON {modality: [group sizes]} or {modality: {"sizes": [group sizes]}}'
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read group sizes ({e}); expected {expected}") from None
+    try:
+        sizes = {m: [int(s) for s in (v["sizes"] if isinstance(v, dict) else v)] for m, v in data.items()}
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise ConfigError(f"{path}: expected {expected}") from None
+    bad = [m for m, v in sizes.items() if not v or min(v) < 1]
+    if bad:
+        raise ConfigError(f"{path}: group sizes of {', '.join(bad)} must be a non-empty list of positive integers")
+    return sizes
 
 
 def dataset_layouts(cfg: Config, group_sizes: str | Path | None = None):
@@ -247,6 +268,10 @@ def dataset_layouts(cfg: Config, group_sizes: str | Path | None = None):
     manifest = Path(cfg.data.dir) / "manifest.json"
     if manifest.exists():
         man = records.load_manifest(cfg.data.dir)
+        absent = [m for m in cfg.model.modalities if m not in man["modalities"]]
+        if absent:
+            raise DatasetError(f"{cfg.data.dir}: the dataset has no {', '.join(absent)} data (it has "
+                               f"{', '.join(man['modalities'])}); model.modalities lists {cfg.model.modalities}")
         out = {}
         for m in cfg.model.modalities:
             info = man["modalities"][m]
@@ -254,6 +279,10 @@ def dataset_layouts(cfg: Config, group_sizes: str | Path | None = None):
         return out
     if group_sizes:
         sizes = read_group_sizes(group_sizes)
+        absent = [m for m in cfg.model.modalities if m not in sizes]
+        if absent:
+            raise ConfigError(f"{group_sizes}: no group sizes for {', '.join(absent)} (model.modalities lists "
+                              f"{cfg.model.modalities})")
         return {m: sizes[m] for m in cfg.model.modalities}
     return None
 

@@ -16,6 +16,7 @@ import math
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -34,8 +35,8 @@ from morpheus_jax.apps.scaling.ladder import (
     shell,
 )
 from morpheus_jax.core.atomic import replacing, write_json
-from morpheus_jax.core.config import Config, from_dict
-from morpheus_jax.core.errors import LadderError
+from morpheus_jax.core.config import Config, from_dict, yaml_problem
+from morpheus_jax.core.errors import ConfigError, LadderError, MissingPath, UserError
 from morpheus_jax.model import flops as fl
 
 SCALING_JSON = "scaling.json"
@@ -144,8 +145,11 @@ def run_local(ladder: Ladder, rows: list[dict], *, subprocesses: bool = False, p
             else:
                 report = pretrain(cfg, progress=progress)
                 result = "stopped" if report.get("stopped_by") else "done"
-        except Exception as e:  # one failed run does not stop the ladder
-            echo(f"[{i}/{len(todo)}] {run.name} failed: {type(e).__name__}: {e}")
+        except UserError as e:  # one failed run does not stop the ladder
+            echo(f"[{i}/{len(todo)}] {run.name} failed: {e}")
+            result = "failed"
+        except Exception:  # a bug: the same, with its traceback
+            echo(f"[{i}/{len(todo)}] {run.name} failed:\n{traceback.format_exc().rstrip()}")
             result = "failed"
         outcome[run.name] = result
         echo(f"[{i}/{len(todo)}] {run.name}: {result} in {time.perf_counter() - t0:.0f} s")
@@ -208,10 +212,19 @@ def collect_run(run_dir: str | Path, group_sizes: str | Path | None = None) -> d
     loss = _final_loss(run_dir, final)
     if loss is None:
         return None
-    cfg = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    try:
+        cfg = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    except yaml.YAMLError as e:
+        raise LadderError(f"{run_dir / 'config.yaml'}: not valid YAML ({yaml_problem(e)})") from None
+    except ConfigError as e:
+        raise LadderError(f"{run_dir / 'config.yaml'}: not a run config ({e})") from None
     info = {}
     if (run_dir / SCALING_JSON).exists():
-        info = json.loads((run_dir / SCALING_JSON).read_text())
+        try:
+            info = json.loads((run_dir / SCALING_JSON).read_text())
+        except json.JSONDecodeError as e:
+            raise LadderError(f"{run_dir / SCALING_JSON}: not valid JSON ({e}); delete it to recount from the "
+                              "config") from None
     if isinstance(final.get("params"), dict) and isinstance(final.get("flops"), dict):
         info.update({"params": final["params"]["total"],
                      "params_without_group_mlps": final["params"]["without_group_mlps"],
@@ -265,8 +278,13 @@ def write_table(rows: list[dict], path: str | Path) -> None:
 def read_table(path: str | Path) -> list[dict]:
     """Rows of a CSV with at least ``params, samples, loss`` (numbers where they parse)."""
     path = Path(path)
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    if not path.exists():
+        raise MissingPath(f"{path}: no such scaling table (--table expects a CSV with columns params, samples, loss)")
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise LadderError(f"{path}: cannot read the scaling table ({e})") from None
     missing = {"params", "samples", "loss"} - set(rows[0] if rows else {})
     if not rows or missing:
         raise LadderError(f"{path}: a scaling table needs columns params, samples, loss"
