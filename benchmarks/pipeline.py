@@ -37,6 +37,7 @@ def main(argv=None) -> dict:
     import jax
     from loader import _cohort
 
+    from morpheus_jax.core import batch
     from morpheus_jax.core import sharding as shd
     from morpheus_jax.core.config import load_config
     from morpheus_jax.data import pipeline
@@ -53,13 +54,12 @@ def main(argv=None) -> dict:
     ds = pipeline.train_dataset(run.root, "pretrain", global_batch=args.batch, num_patches=cfg.data.num_patches,
                                 seed=cfg.seed, modalities=tuple(run.layouts), manifest=run.manifest)
     it = pipeline.train_iterator(ds, cfg.data.worker_count, cfg.data.prefetch_buffer)
-    keys = ("wsi", "wsi_mask", "available", "omics")
 
     def one(state):
         t = time.perf_counter()
         host = next(it)
         waited = time.perf_counter() - t
-        state, m = step(state, shd.host_to_global({k: host[k] for k in keys}, run.mesh, run.rules))
+        state, m = step(state, shd.host_to_global(batch.select(host), run.mesh, run.rules))
         return state, m, waited
 
     for _ in range(3):  # warm-up: first batches, caches

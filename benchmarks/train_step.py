@@ -27,13 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-FIXTURE = Path(__file__).resolve().parent.parent / "morpheus_jax" / "configs" / "paper_group_sizes.json"
+PAPER_GROUP_SIZES = Path(__file__).resolve().parent.parent / "morpheus_jax" / "configs" / "paper_group_sizes.json"
 
 
 def paper_groups() -> dict[str, dict[str, list[str]]]:
     """Mappings with the paper's group names and sizes. RNA groups overlap (7,010 entries
     over 4,168 genes, as the Hallmark sets); DNAm and CNV groups are disjoint."""
-    sizes = json.loads(FIXTURE.read_text())
+    sizes = json.loads(PAPER_GROUP_SIZES.read_text())
     out = {}
     for m, info in sizes.items():
         n_unique = info["unique_features"]

@@ -75,6 +75,6 @@ fi
 run gcloud compute tpus tpu-vm ssh "$name" --zone "$zone" "${proj[@]}" --worker=all \
   --command "mkdir -p $workdir"
 run gcloud compute tpus tpu-vm scp --recurse "$repo/pyproject.toml" "$repo/README.md" "$repo/morpheus_jax" \
-  "$repo/configs" "$name:$workdir/" --zone "$zone" "${proj[@]}" --worker=all
+  "$name:$workdir/" --zone "$zone" "${proj[@]}" --worker=all
 run gcloud compute tpus tpu-vm ssh "$name" --zone "$zone" "${proj[@]}" --worker=all \
   --command "cd $workdir && pip install -q 'jax[tpu]' -e . && morpheus pretrain --no-progress$args"

@@ -26,6 +26,7 @@ from morpheus_jax.ckpt.checkpoint import read_checkpoint
 from morpheus_jax.core.config import Config
 from morpheus_jax.core.errors import InputError
 from morpheus_jax.core.spec import GroupLayout
+from morpheus_jax.model.heads import HEAD
 from morpheus_jax.model.masking import explicit_keep
 from morpheus_jax.model.morpheus import init_model
 from morpheus_jax.model.params import ParamCodec, has_decoders
@@ -60,6 +61,10 @@ class MorpheusModel:
         if feature_names is None:
             feature_names = {m: [f"{m}_{i}" for i in range(lay.num_features)] for m, lay in self.layouts.items()}
         self.feature_names = {m: list(feature_names[m]) for m in self.modalities}
+        if any(n.startswith(HEAD) for n in params):
+            raise InputError("this checkpoint is a fine-tuned model (it has a task head, final_layer.*): "
+                             "morpheus_jax.load reads pretrained models; `morpheus export` turns it into the "
+                             "authors' fine-tuning layout for PyTorch")
         self.has_decoders = has_decoders(params)
         template = init_model(config.model, self.layouts, 0, with_decoders=self.has_decoders)
         self._codec = ParamCodec(template)

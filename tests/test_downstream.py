@@ -129,7 +129,7 @@ def test_embed_every_modality_subset(setup, tmp_path):
         want = model.encode(wsi, {m: np.asarray(r["omics"][m])[None] for m in inputs.omics})[0, 0]
         np.testing.assert_allclose(z["embedding"][3], want, atol=2e-5)
     assert run("embed", "--checkpoint", run_dir, "--dataset", data, "--out", tmp_path / "all.npz") == 0
-    counts = ds.open_dataset(data)[1]["counts"]
+    counts = ds.open_dataset(data)[1].counts
     assert len(np.load(tmp_path / "all.npz")["submitter_id"]) == sum(counts.values())
     pytest.importorskip("pyarrow")
     assert run("embed", "--checkpoint", run_dir, "--dataset", data, "--split", "fine-tune",
@@ -383,6 +383,9 @@ def test_finetune_classify(setup, tmp_path):
     assert list(pred.columns) == ["submitter_id", "draw", "label", "predicted", "prob_0", "prob_1"]
     n = res["patients"]
     assert (pred.groupby("draw").size() == n - 8).all()
+    for i in range(2):                   # each draw's fine-tuned model, in the checkpoint store
+        ckpt = read_checkpoint(tmp_path / "few" / f"draw_{i}")
+        assert ckpt.params["final_layer.kernel"].shape[1] == 2 and ckpt.spec.head["classes"] == ["0", "1"]
     np.testing.assert_allclose(pred[["prob_0", "prob_1"]].sum(axis=1), 1.0, atol=1e-5)
 
     assert run(*base, "--task", "IDH", "--k", "4", "--draws", "2", "--modalities", "wsi,dnam", "--linear-probe",

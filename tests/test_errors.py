@@ -239,3 +239,26 @@ def test_sweep_keeps_going_and_shows_a_bug_with_its_traceback(tmp_path, monkeypa
     bug = next(x for x in lines if x.startswith("[2/2] bug failed"))
     assert user == "[1/2] user failed: data/x: no prepared dataset"
     assert "Traceback" in bug and "KeyError: 'internal'" in bug
+
+
+# -- the manifest type checks itself -----------------------------------------------------------------
+
+@pytest.mark.parametrize("damage, named", [
+    (lambda m: m.pop("patches"), "patches"),
+    (lambda m: m["counts"].update(pretrain=-1), "counts.pretrain"),
+    (lambda m: m["modalities"]["rna"].update(features=[]), "modalities.rna.features"),
+    (lambda m: m.update(shards=[{"split": "pretrain"}]), "shards"),
+    (lambda m: m.update(schema_version=99), "schema_version"),
+])
+def test_a_damaged_manifest_is_named_field_by_field(small_dataset, tmp_path, capsys, damage, named):
+    import json
+    import shutil
+
+    ds = tmp_path / "ds"
+    shutil.copytree(small_dataset, ds)
+    manifest = json.loads((ds / "manifest.json").read_text())
+    damage(manifest)
+    (ds / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["inspect", str(ds)]) == 2
+    line = _one_error_line(capsys, "inspect")
+    assert str(ds / "manifest.json") in line and named in line

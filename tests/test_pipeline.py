@@ -61,7 +61,7 @@ _WORKER = textwrap.dedent("""
 
 def test_two_processes_read_disjoint_records_covering_each_epoch(dataset, tmp_path):
     root, manifest = dataset
-    n = manifest["counts"]["pretrain"]
+    n = manifest.counts["pretrain"]
     n_batches = (3 * n) // 8 + 1
     addr = f"127.0.0.1:{_free_port()}"
     env = {**__import__("os").environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
@@ -125,7 +125,7 @@ def test_samples_independent_of_worker_count(dataset):
 
 def test_bytes_read_per_sample_bounded(dataset):
     root, manifest = dataset
-    chunk = manifest["patches"]["chunk_rows"]
+    chunk = manifest.patches.chunk_rows
     ds = pipeline.train_dataset(root, "pretrain", global_batch=4, num_patches=24, seed=1, modalities=MODS,
                                 manifest=manifest)
     b = ds[0]
@@ -155,7 +155,7 @@ def test_eval_batches_hold_every_patch(dataset):
 
 def test_train_fraction_subsets_are_nested_and_exclusive(dataset):
     root, manifest = dataset
-    n = manifest["counts"]["pretrain"]
+    n = manifest.counts["pretrain"]
     small, large = pipeline.subset_indices(n, 0.3), pipeline.subset_indices(n, 0.6)
     assert len(small) == -(-3 * n // 10) and set(small) <= set(large)
     ds = pipeline.train_dataset(root, "pretrain", global_batch=4, num_patches=8, seed=2, modalities=MODS,

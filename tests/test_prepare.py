@@ -40,13 +40,13 @@ def test_prepared_values_equal_raw_after_transforms(cohort):
     meta = pd.read_csv(raw / "metadata.csv")
     for m in ("rna", "dnam", "cnv"):
         groups = json.load(open(raw / "mappings" / f"{m}.json"))
-        assert manifest["modalities"][m]["features"] == canonical_features(groups)
-        assert list(manifest["modalities"][m]["groups"]) == list(groups)
-    expected = {m: _expected_omics(raw, m, manifest["modalities"][m]["features"]) for m in ("rna", "dnam", "cnv")}
+        assert manifest.modalities[m].features == canonical_features(groups)
+        assert list(manifest.modalities[m].groups) == list(groups)
+    expected = {m: _expected_omics(raw, m, manifest.modalities[m].features) for m in ("rna", "dnam", "cnv")}
     n_seen = 0
     for split in SPLITS:
         recs = pipeline.read_split(root / "ds", split, manifest)
-        assert len(recs) == manifest["counts"][split]
+        assert len(recs) == manifest.counts[split]
         assert [r["index"] for r in recs] == list(range(len(recs)))
         for r in recs:
             row = meta[meta.submitter_id == r["submitter_id"]].iloc[0]
@@ -68,7 +68,7 @@ def test_prepared_values_equal_raw_after_transforms(cohort):
             np.testing.assert_array_equal(np.unique(stored, axis=0), np.unique(bag, axis=0))
             assert r["meta"]["survival_months"] == pytest.approx(float(row["survival_months"]))
             n_seen += 1
-    assert n_seen == sum(manifest["counts"].values())
+    assert n_seen == sum(manifest.counts.values())
 
 
 def test_skipped_patients_counted_and_strict(cohort, tmp_path):
@@ -79,10 +79,10 @@ def test_skipped_patients_counted_and_strict(cohort, tmp_path):
     for m in ("rna", "dnam", "cnv"):
         ids &= set(pd.read_csv(root / "raw" / "omics" / f"{m}.csv", index_col=0).index.astype(str))
     complete = meta[meta.submitter_id.isin(ids) & (meta["WSI"] != "[]")]
-    assert sum(manifest["counts"].values()) == len(complete)
-    assert manifest["skipped"]["no_slide"] == no_slide
-    assert manifest["skipped"]["missing_modality"] == len(meta) - len(complete) - no_slide
-    assert manifest["skipped"]["missing_modality"] > 0
+    assert sum(manifest.counts.values()) == len(complete)
+    assert manifest.skipped["no_slide"] == no_slide
+    assert manifest.skipped["missing_modality"] == len(meta) - len(complete) - no_slide
+    assert manifest.skipped["missing_modality"] > 0
     with pytest.raises(PrepareError, match="lacks omics|has no slide"):
         prepare(RawCohort.from_dir(root / "raw"), tmp_path / "ds", PrepareOptions(wsi_dim=DIM, strict=True, progress=False))
     assert not (tmp_path / "ds" / records.MANIFEST).exists()
@@ -188,14 +188,14 @@ def test_training_samples_deterministic_and_topped_up(cohort):
         assert distinct == min(64, len(rows))  # without replacement up to the bag size
         np.testing.assert_array_equal(a["omics"]["rna"][row], r["omics"]["rna"])
     # Epoch 2 reshuffles the order of patients.
-    n = manifest["counts"]["pretrain"]
+    n = manifest.counts["pretrain"]
     first = [int(ds[i]["record"][j]) for i in range(n // 4) for j in range(4)]
     second = [int(ds[n // 4 + i]["record"][j]) for i in range(n // 4) for j in range(4)]
     assert first != second
 
 
 def _checksums(manifest):
-    return [(s["records"]["sha256"], s["patches"]["sha256"]) for s in manifest["shards"]]
+    return [(s["records"]["sha256"], s["patches"]["sha256"]) for s in manifest.shards]
 
 
 def test_workers_and_resume_give_identical_datasets(cohort, tmp_path):
@@ -203,7 +203,7 @@ def test_workers_and_resume_give_identical_datasets(cohort, tmp_path):
     raw = RawCohort.from_dir(root / "raw")
     one = prepare(raw, tmp_path / "one", PrepareOptions(wsi_dim=DIM, records_per_shard=6, progress=False))
     two = prepare(raw, tmp_path / "two", PrepareOptions(wsi_dim=DIM, records_per_shard=6, workers=2, progress=False))
-    assert len(one["shards"]) >= 6
+    assert len(one.shards) >= 6
     assert _checksums(one) == _checksums(two)
     # Interrupt a run after a few shards (SIGKILL), then rerun: finished shards are kept.
     code = (f"from morpheus_jax.data.prepare import *\n"
@@ -226,7 +226,7 @@ def test_workers_and_resume_give_identical_datasets(cohort, tmp_path):
     victim = sorted((tmp_path / "three" / "records").glob("*.array_record"))[0]
     victim.write_bytes(victim.read_bytes()[:-10])
     three = prepare(raw, tmp_path / "three", PrepareOptions(wsi_dim=DIM, records_per_shard=6, progress=False))
-    assert three["resumed_shards"] == done_before - 1
+    assert three.resumed_shards == done_before - 1
     assert _checksums(three) == _checksums(one)
     assert not (tmp_path / "three" / ".prepare").exists()
     assert records.verify_dataset(tmp_path / "three") == []

@@ -52,7 +52,7 @@ def test_allow_missing_modalities(tmp_path):
     strict = prepare(RawCohort.from_dir(tmp_path / "raw"), tmp_path / "strict", PrepareOptions(wsi_dim=DIM, progress=False))
     loose = prepare(RawCohort.from_dir(tmp_path / "raw"), tmp_path / "ds",
                     PrepareOptions(wsi_dim=DIM, allow_missing_modalities=True, progress=False))
-    assert sum(loose["counts"].values()) > sum(strict["counts"].values())
+    assert sum(loose.counts.values()) > sum(strict.counts.values())
     from morpheus_jax.core.errors import ConfigError
     with pytest.raises(ConfigError, match="allow_missing_modalities"):
         pretrain(tiny(tmp_path / "ds", tmp_path / "r0", "train.steps=2"), progress=False)
@@ -61,7 +61,7 @@ def test_allow_missing_modalities(tmp_path):
     assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
     # Missing modalities are in the batches, marked unavailable.
     from morpheus_jax.data import pipeline
-    ds = pipeline.train_dataset(tmp_path / "ds", "pretrain", global_batch=loose["counts"]["pretrain"] // 2 * 2,
+    ds = pipeline.train_dataset(tmp_path / "ds", "pretrain", global_batch=loose.counts["pretrain"] // 2 * 2,
                                 num_patches=8, seed=0, modalities=("rna", "dnam", "cnv"))
     assert not ds[0]["available"].all()
 

@@ -23,6 +23,7 @@ from morpheus_jax.api import MorpheusModel, load
 from morpheus_jax.apps.plots import _pyplot
 from morpheus_jax.core.atomic import replacing, save_figure, write_csv, write_json
 from morpheus_jax.core.errors import DownstreamError
+from morpheus_jax.core.manifest import Manifest
 from morpheus_jax.core.names import MODALITIES, SPLITS
 from morpheus_jax.data import pipeline
 from morpheus_jax.data import records as rec
@@ -63,14 +64,14 @@ def parse_modalities(text: str | Sequence[str], model_modalities: Sequence[str],
     return Inputs(WSI in items, tuple(m for m in model_modalities if m in items))
 
 
-def open_dataset(path: str | os.PathLike) -> tuple[Path, dict]:
+def open_dataset(path: str | os.PathLike) -> tuple[Path, Manifest]:
     root = Path(path)
     return root, rec.load_manifest(root)
 
 
-def split_records(root: Path, manifest: dict, split: str) -> list[dict]:
+def split_records(root: Path, manifest: Manifest, split: str) -> list[dict]:
     """Records of one split, or of every split (``"all"``) in `SPLITS` order."""
-    counts = manifest.get("counts", {})
+    counts = manifest.counts
     if split == "all":
         return [r for s in SPLITS if counts.get(s) for r in pipeline.read_split(root, s, manifest)]
     if not counts.get(split):
@@ -79,17 +80,17 @@ def split_records(root: Path, manifest: dict, split: str) -> list[dict]:
     return pipeline.read_split(root, split, manifest)
 
 
-def check_dataset(manifest: dict, root: Path, modalities: Sequence[str], features: dict[str, list[str]],
+def check_dataset(manifest: Manifest, root: Path, modalities: Sequence[str], features: dict[str, list[str]],
                   wsi_dim: int | None) -> None:
     """The dataset has each modality with the checkpoint's features (and the patch dimension)."""
     for m in modalities:
-        if m not in manifest["modalities"]:
-            raise DownstreamError(f"{root}: the dataset has no {m} data (it has {', '.join(manifest['modalities'])})")
-        if list(manifest["modalities"][m]["features"]) != list(features[m]):
+        if m not in manifest.modalities:
+            raise DownstreamError(f"{root}: the dataset has no {m} data (it has {', '.join(manifest.modalities)})")
+        if list(manifest.modalities[m].features) != list(features[m]):
             raise DownstreamError(f"{root}: {m} features differ from the checkpoint's (prepare the dataset with "
                                   "the mapping the model was pretrained with)")
-    if wsi_dim is not None and manifest["patches"]["dim"] != wsi_dim:
-        raise DownstreamError(f"{root}: patches have {manifest['patches']['dim']} dims, the model expects {wsi_dim}")
+    if wsi_dim is not None and manifest.patches.dim != wsi_dim:
+        raise DownstreamError(f"{root}: patches have {manifest.patches.dim} dims, the model expects {wsi_dim}")
 
 
 def keep_available(records: list[dict], inputs: Inputs, log: Log = print, why: str = "") -> list[dict]:
@@ -116,9 +117,9 @@ def is_missing(value) -> bool:
     return value is None or (isinstance(value, float) and np.isnan(value)) or (isinstance(value, str) and not value.strip())
 
 
-def column_values(records: list[dict], manifest: dict, column: str) -> list:
+def column_values(records: list[dict], manifest: Manifest, column: str) -> list:
     """``meta[column]`` per record (None where missing); an unknown column is an error."""
-    cols = manifest.get("meta_columns") or sorted({k for r in records for k in r["meta"]})
+    cols = manifest.meta_columns or sorted({k for r in records for k in r["meta"]})
     if column not in cols:
         raise DownstreamError(f"the dataset has no column {column!r} (task columns: {', '.join(cols) or 'none'})")
     return [None if is_missing(r["meta"].get(column)) else r["meta"].get(column) for r in records]
@@ -330,9 +331,9 @@ def run_reconstruction(checkpoint, dataset, target: str, out_dir, *, split: str 
     model = _model(checkpoint)
     _check_target(model, target, Inputs(True, ()))
     root, manifest = open_dataset(dataset)
-    if target not in manifest["modalities"]:
+    if target not in manifest.modalities:
         raise DownstreamError(f"{root}: the dataset has no {target} data to compare with")
-    combos = input_combinations(model.modalities, target, list(manifest["modalities"]))
+    combos = input_combinations(model.modalities, target, list(manifest.modalities))
     used = tuple(m for m in model.modalities if m == target or any(m in c.omics for c in combos))
     check_dataset(manifest, root, used, model.feature_names, model.config.model.wsi_dim)
     recs = keep_available(split_records(root, manifest, split), Inputs(True, used), log,

@@ -155,8 +155,9 @@ def import_weights(path: str | os.PathLike, out: str | os.PathLike, *,
         sidecar = None
     inferred = torch_layout.infer_model(sd)
     if inferred.n_outputs is not None:
-        raise ExportError(f"{path}: holds a fine-tuning head (final_layer.1, {inferred.n_outputs} outputs); the JAX "
-                          "model has no head yet: drop the final_layer.* keys to import the encoder")
+        raise ExportError(f"{path}: holds a fine-tuning head (final_layer.1, {inferred.n_outputs} outputs); "
+                          "import-torch reads pretraining and encoder weights: drop the final_layer.* keys to import "
+                          "the encoder")
     if not inferred.modalities:
         raise ExportError(f"{path}: no omics tokenizers: a WSI-only encoder cannot be imported "
                           "(the JAX model needs at least one omics modality)")

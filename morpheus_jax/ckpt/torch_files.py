@@ -101,5 +101,8 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[s
                 raise WeightFileError(f"{path}: entry {k!r} is not a tensor")
             sd[k] = v.detach().to(torch.float32).cpu().numpy()
     side = sidecar_path(path)
-    sidecar = json.loads(side.read_text()) if side.exists() else None
+    try:
+        sidecar = json.loads(side.read_text()) if side.exists() else None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise WeightFileError(f"{side}: the sidecar JSON is unreadable ({e})") from None
     return sd, sidecar

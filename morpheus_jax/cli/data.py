@@ -35,7 +35,7 @@ def cmd_prepare(args) -> int:
                           allow_missing_modalities=args.allow_missing_modalities, overwrite=args.overwrite)
     manifest = prepare(cohort, args.out, opts)
     print(summary(manifest))
-    print(f"wrote {args.out} in {manifest['seconds']} s")
+    print(f"wrote {args.out} in {manifest.seconds} s")
     return 0
 
 
@@ -50,7 +50,7 @@ def cmd_inspect(args) -> int:
             for p in problems:
                 print(f"morpheus inspect: {p}", file=sys.stderr)
             return 1
-        print(f"checksums: {len(manifest['shards'])} shards verified")
+        print(f"checksums: {len(manifest.shards)} shards verified")
     return 0
 
 

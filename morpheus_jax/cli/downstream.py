@@ -1,5 +1,5 @@
 """`morpheus embed`, `generate`, `evaluate reconstruction`, `finetune survival|classify`: thin
-shells over `morpheus_jax.apps.downstream` and `morpheus_jax.finetune`.
+shells over `morpheus_jax.apps.downstream` and `morpheus_jax.apps.finetune`.
 
 The main parser adds them with ``register(subparsers)``.
 """

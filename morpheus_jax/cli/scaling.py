@@ -1,4 +1,4 @@
-"""`morpheus sweep` and `morpheus scaling {fit,flops}`: thin shells over the scaling package.
+"""`morpheus sweep` and `morpheus scaling {fit,flops}`: thin shells over `morpheus_jax.apps.scaling`.
 
 The main parser adds them with ``register(subparsers)``.
 """

@@ -77,8 +77,8 @@ class ModelConfig:
     decoder_mlp_dim: int = 256
     decoder_dropout: float = 0.0
     modalities: list[str] = dataclasses.field(default_factory=lambda: list(MODALITIES))
-    # Per-group MLP weights are stacked in this many buckets of similar group size
-    # (1 = one stack padded to the largest group).
+    # The step computes the per-group MLPs in this many buckets of similar group size (1 = one
+    # stack padded to the largest group). A speed knob: checkpoints hold the canonical layout.
     group_buckets: int = 4
     compute_dtype: str = "float32"
     # Recompute transformer blocks' activations in the backward pass (memory for compute).

@@ -1,4 +1,5 @@
-"""Contracts shared by every layer: the modalities, the splits, and a modality's group layout.
+"""Contracts shared by every layer: a modality's group layout (`GroupLayout`) and what a
+checkpoint needs to rebuild its model (`ModelSpec`).
 
 `GroupLayout` is what a group mapping means to the model: each group's canonical feature
 indices (mapping order) and how the per-group MLPs are bucketed for computation. Buckets
@@ -47,7 +48,7 @@ def bucket_partition(sizes: list[int], num_buckets: int) -> list[list[int]]:
 
 @dataclasses.dataclass(frozen=True)
 class GroupLayout:
-    """Static description of one modality's groups and their stacked-bucket storage.
+    """Static description of one modality's groups and their bucketed computation.
 
     feature_index[g]: canonical feature indices (into the modality's flat ``[F]`` vector) of
     group g, in mapping order. Buckets hold groups sorted by size.

@@ -11,7 +11,8 @@ number of processes, and a sample's patches are drawn from a generator keyed on
 ``(seed, epoch, record index)``, so batches do not depend on process or worker counts.
 
 A training sample holds ``num_patches`` patches: a random contiguous window of the patient's
-pre-shuffled rows (wrapping around), re-shuffled; bags smaller than that are topped up by
+pre-shuffled rows (wrapping around), not re-shuffled (the WSI tokenizer is
+permutation-invariant); bags smaller than that are topped up by
 sampling again with replacement. Evaluation bags hold every patch, padded with a mask.
 """
 
@@ -28,6 +29,7 @@ import tensorstore as ts
 from grain.python import SharedMemoryArray
 
 from morpheus_jax.core.errors import DatasetError, InputError
+from morpheus_jax.core.manifest import Manifest
 from morpheus_jax.data import records as rec
 
 # Per process: opened patch arrays, keyed by path (workers open their own).
@@ -90,6 +92,11 @@ def omics_arrays(record: dict, modalities: tuple[str, ...]) -> tuple[dict, np.nd
     omics = {m: np.asarray(record["omics"][m], np.float32) for m in modalities}
     available = np.asarray([bool(record["available"][m]) for m in modalities])
     return omics, available
+
+
+def num_train_records(manifest: Manifest, fraction: float = 1.0) -> int:
+    """Patients a run trains on: `subset_indices` of the pretrain split (``data.train_fraction``)."""
+    return len(subset_indices(manifest.count("pretrain"), fraction))
 
 
 def subset_indices(n: int, fraction: float) -> np.ndarray:
@@ -175,19 +182,19 @@ class TrainBatches(grain.MapDataset):
 
 def train_dataset(root: str | Path, split: str, *, global_batch: int, num_patches: int, seed: int,
                   modalities: tuple[str, ...], process_index: int = 0, process_count: int = 1,
-                  manifest: dict | None = None, fraction: float = 1.0) -> grain.MapDataset:
+                  manifest: Manifest | None = None, fraction: float = 1.0) -> grain.MapDataset:
     """Infinite MapDataset of this process's host batches (``global_batch / process_count``
     rows), over `subset_indices` of the split when ``fraction`` < 1."""
     root = Path(root)
     manifest = manifest or rec.load_manifest(root)
-    paths = [str(root / s["records"]["path"]) for s in manifest["shards"] if s["split"] == split]
-    n = manifest["counts"].get(split, 0)
+    paths = [str(root / p) for p in manifest.shard_paths(split)]
+    n = manifest.count(split)
     if not paths or n == 0:
-        raise DatasetError(f"{root}: split {split!r} has no patients (counts {manifest['counts']})")
+        raise DatasetError(f"{root}: split {split!r} has no patients (counts {manifest.counts})")
     source = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))
     return TrainBatches(source, root=str(root), num_records=n, global_batch=global_batch, num_patches=num_patches,
-                        seed=seed, modalities=tuple(modalities), dim=manifest["patches"]["dim"],
-                        dtype=manifest["patches"]["dtype"], process_index=process_index,
+                        seed=seed, modalities=tuple(modalities), dim=manifest.patches.dim,
+                        dtype=manifest.patches.dtype, process_index=process_index,
                         process_count=process_count, subset=subset_indices(n, fraction) if fraction < 1 else None)
 
 
@@ -267,11 +274,11 @@ def train_iterator(ds: grain.MapDataset, worker_count: int = 0, prefetch: int = 
 
 # -- evaluation: every patch of every patient ----------------------------------------------
 
-def read_split(root: str | Path, split: str, manifest: dict | None = None) -> list[dict]:
+def read_split(root: str | Path, split: str, manifest: Manifest | None = None) -> list[dict]:
     """All decoded records of a split, in split order."""
     root = Path(root)
     manifest = manifest or rec.load_manifest(root)
-    paths = [str(root / s["records"]["path"]) for s in manifest["shards"] if s["split"] == split]
+    paths = [str(root / p) for p in manifest.shard_paths(split)]
     if not paths:
         return []
     source = grain.sources.ArrayRecordDataSource(paths)

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from morpheus_jax.core.atomic import write_json
 from morpheus_jax.core.errors import PrepareError
+from morpheus_jax.core.manifest import SCHEMA_VERSION, Manifest, ModalityInfo, PatchInfo
 from morpheus_jax.core.names import MODALITIES, SPLITS
 from morpheus_jax.data import records as rec
 from morpheus_jax.data.raw import (
@@ -141,7 +142,7 @@ def _check_slides(keep: list[dict], features_dir: Path, opts: PrepareOptions) ->
 def _plan_hash(task: ShardTask, tables: dict) -> str:
     h = hashlib.sha256()
     o = task.opts
-    h.update(json.dumps([rec.SCHEMA_VERSION, task.split, task.shard, o.patch_dtype, o.chunk_rows, o.wsi_dim,
+    h.update(json.dumps([SCHEMA_VERSION, task.split, task.shard, o.patch_dtype, o.chunk_rows, o.wsi_dim,
                          o.seed], sort_keys=True).encode())
     for p in task.patients:
         h.update(json.dumps([p["submitter_id"], p["index"], p["slide_stats"], str(p["project_id"]),
@@ -281,7 +282,7 @@ def write_shard(task: ShardTask) -> dict:
 
 # -- the whole run ------------------------------------------------------------------------------------
 
-def prepare(cohort: RawCohort, out: str | os.PathLike, opts: PrepareOptions | None = None) -> dict:
+def prepare(cohort: RawCohort, out: str | os.PathLike, opts: PrepareOptions | None = None) -> Manifest:
     """Validate the raw cohort and write (or finish writing) the prepared dataset."""
     opts = opts or PrepareOptions()
     out = Path(out)
@@ -354,45 +355,37 @@ def prepare(cohort: RawCohort, out: str | os.PathLike, opts: PrepareOptions | No
                 entries[(task.split, task.shard)] = write_shard(task)
                 bar.update(len(task.patients))
 
-    manifest = {
-        "schema_version": rec.SCHEMA_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "counts": counts,
-        "skipped": skipped,
-        "modalities": {m: {"groups": groups[m], "group_sizes": [len(v) for v in groups[m].values()],
-                           "features": tables[m].features, "dtype": "float32", "fill": FILL[m],
-                           "transform": TRANSFORM[m], "missing_filled": tables[m].missing_filled}
-                       for m in modalities},
-        "patches": {"dim": opts.wsi_dim, "dtype": opts.patch_dtype, "chunk_rows": opts.chunk_rows,
-                    "shuffle_seed": opts.seed, "total": int(sum(e["num_patches"] for e in entries.values()))},
-        "meta_columns": meta_cols,
-        "allow_missing_modalities": opts.allow_missing_modalities,
-        "shards": [entries[(t.split, t.shard)] for t in tasks],
-        "sources": {"metadata": str(cohort.metadata), "features_dir": str(cohort.features_dir),
-                    "omics": {m: str(p) for m, p in cohort.omics.items()},
-                    "mappings": {m: str(p) for m, p in cohort.mappings.items()}},
-        "resumed_shards": resumed,
-        "seconds": round(time.time() - t0, 2),
-    }
-    write_json(out / rec.MANIFEST, manifest)
+    manifest = Manifest(
+        counts=counts, skipped=skipped, created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        modalities={m: ModalityInfo(groups[m], tables[m].features, FILL[m], TRANSFORM[m], tables[m].missing_filled)
+                    for m in modalities},
+        patches=PatchInfo(opts.wsi_dim, opts.patch_dtype, opts.chunk_rows, opts.seed,
+                          int(sum(e["num_patches"] for e in entries.values()))),
+        meta_columns=meta_cols, allow_missing_modalities=opts.allow_missing_modalities,
+        shards=[entries[(t.split, t.shard)] for t in tasks],
+        sources={"metadata": str(cohort.metadata), "features_dir": str(cohort.features_dir),
+                 "omics": {m: str(p) for m, p in cohort.omics.items()},
+                 "mappings": {m: str(p) for m, p in cohort.mappings.items()}},
+        resumed_shards=resumed, seconds=round(time.time() - t0, 2))
+    write_json(out / rec.MANIFEST, manifest.to_json())
     shutil.rmtree(scratch, ignore_errors=True)
     return manifest
 
 
-def summary(manifest: dict) -> str:
+def summary(manifest: Manifest) -> str:
     """Human-readable summary printed by `prepare` and `inspect`."""
-    lines = ["patients: " + ", ".join(f"{s} {n}" for s, n in manifest["counts"].items())]
-    if any(manifest.get("skipped", {}).values()):
-        lines.append("skipped: " + ", ".join(f"{k} {v}" for k, v in manifest["skipped"].items() if v))
-    for m, info in manifest["modalities"].items():
-        sizes = info["group_sizes"]
+    lines = ["patients: " + ", ".join(f"{s} {n}" for s, n in manifest.counts.items())]
+    if any(manifest.skipped.values()):
+        lines.append("skipped: " + ", ".join(f"{k} {v}" for k, v in manifest.skipped.items() if v))
+    for m, info in manifest.modalities.items():
+        sizes = info.group_sizes
         lines.append(f"{m}: {len(sizes)} groups (sizes {min(sizes)}-{max(sizes)}, {sum(sizes)} entries), "
-                     f"{len(info['features'])} features, transform {info['transform']}, "
-                     f"{info['missing_filled']} missing filled with {info['fill']}")
-    p = manifest["patches"]
-    n = sum(manifest["counts"].values())
-    lines.append(f"patches: {p['total']} x {p['dim']} {p['dtype']} ({p['total'] / max(n, 1):.0f} per patient), "
-                 f"chunks of {p['chunk_rows']} rows, {len(manifest['shards'])} shards")
-    if manifest.get("resumed_shards"):
-        lines.append(f"resumed: {manifest['resumed_shards']} shards from an earlier run were verified and kept")
+                     f"{len(info.features)} features, transform {info.transform}, "
+                     f"{info.missing_filled} missing filled with {info.fill}")
+    p = manifest.patches
+    n = sum(manifest.counts.values())
+    lines.append(f"patches: {p.total} x {p.dim} {p.dtype} ({p.total / max(n, 1):.0f} per patient), "
+                 f"chunks of {p.chunk_rows} rows, {len(manifest.shards)} shards")
+    if manifest.resumed_shards:
+        lines.append(f"resumed: {manifest.resumed_shards} shards from an earlier run were verified and kept")
     return "\n".join(lines)

@@ -41,8 +41,8 @@ import msgpack
 import numpy as np
 
 from morpheus_jax.core.errors import DatasetError
+from morpheus_jax.core.manifest import Manifest
 
-SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 
 
@@ -117,7 +117,8 @@ def zarr_spec(path: Path, rows: int | None = None, dim: int | None = None, dtype
     return spec
 
 
-def load_manifest(root: str | os.PathLike) -> dict[str, Any]:
+def load_manifest(root: str | os.PathLike) -> Manifest:
+    """The dataset's `Manifest`, checked (a missing, unreadable or ill-formed one is a `DatasetError`)."""
     root = Path(root)
     path = root / MANIFEST
     if not root.exists():
@@ -131,18 +132,15 @@ def load_manifest(root: str | os.PathLike) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DatasetError(f"{path}: unreadable or not valid JSON ({e}); "
                            "rerun `morpheus prepare --overwrite`") from None
-    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
-    if version != SCHEMA_VERSION:
-        raise DatasetError(f"{path}: schema_version {version!r}, this version reads {SCHEMA_VERSION}")
-    return manifest
+    return Manifest.from_json(manifest, str(path))
 
 
-def verify_dataset(root: str | os.PathLike, manifest: dict | None = None) -> list[str]:
+def verify_dataset(root: str | os.PathLike, manifest: Manifest | None = None) -> list[str]:
     """Problems found checking every shard against the manifest (empty list = valid)."""
     root = Path(root)
     manifest = manifest or load_manifest(root)
     problems = []
-    for entry in manifest["shards"]:
+    for entry in manifest.shards:
         for kind, checker in (("records", sha256_file), ("patches", sha256_tree)):
             rel = entry[kind]["path"]
             path = root / rel
@@ -154,8 +152,8 @@ def verify_dataset(root: str | os.PathLike, manifest: dict | None = None) -> lis
     return problems
 
 
-def feature_names(manifest: dict, modality: str) -> list[str]:
-    return manifest["modalities"][modality]["features"]
+def feature_names(manifest: Manifest, modality: str) -> list[str]:
+    return manifest.modalities[modality].features
 
 
 def patch_numpy_dtype(name: str) -> np.dtype:

@@ -61,7 +61,7 @@ from tqdm import tqdm
 
 from morpheus_jax.core.atomic import replacing, write_csv, write_json
 from morpheus_jax.core.errors import InputError, OutputExists
-from morpheus_jax.core.names import MODALITIES
+from morpheus_jax.core.names import MODALITIES, SPLITS
 
 ONCOTREE_CODES = ("SYNX", "SYNY", "SYNZ")
 # Approximate GRCh38 chromosome lengths (Mb): large chromosomes get more groups.
@@ -445,7 +445,7 @@ def write_synthetic_cohort(out_dir, n_patients=500, seed=0, *, n_projects=4,
         omics={m: str(out / "omics" / f"{m}.csv") for m in MODALITIES},
         mappings={m: str(out / "mappings" / f"{m}.json") for m in MODALITIES},
         truth=str(out / "truth.npz"), n_patients=n_patients,
-        splits={s: int((split == s).sum()) for s in ("pretrain", "val-pretrain", "fine-tune")},
+        splits={s: int((split == s).sum()) for s in SPLITS},
         projects={pid: int(c) for pid, c in zip(pids, counts)},
         n_slides=sum(len(p["files"]) for p in patients), n_patches=int(n_patches),
         n_omics_columns={m: len(mods[m]["columns"]) for m in MODALITIES},

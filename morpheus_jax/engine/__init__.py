@@ -1,2 +1,2 @@
 """The training engine: state, step builders, the run (mesh, shardings, compiled step),
-validation during training."""
+the training loop (trainer), validation during training."""

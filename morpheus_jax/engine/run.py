@@ -11,7 +11,8 @@ import jax
 from morpheus_jax.core import batch, log
 from morpheus_jax.core import sharding as shd
 from morpheus_jax.core.config import Config
-from morpheus_jax.core.errors import ConfigError, DatasetError
+from morpheus_jax.core.errors import ConfigError
+from morpheus_jax.core.manifest import Manifest
 from morpheus_jax.core.spec import GroupLayout, ModelSpec
 from morpheus_jax.data import pipeline, records
 from morpheus_jax.engine import state as st
@@ -20,21 +21,10 @@ from morpheus_jax.model.morpheus import init_model
 from morpheus_jax.model.params import ParamCodec
 
 
-def layouts_from_manifest(manifest: dict, modalities, num_buckets: int) -> dict[str, GroupLayout]:
-    out = {}
-    for m in modalities:
-        if m not in manifest["modalities"]:
-            raise DatasetError(f"dataset has no modality {m!r} (has {sorted(manifest['modalities'])}); "
-                                       "set model.modalities accordingly")
-        info = manifest["modalities"][m]
-        out[m] = GroupLayout.from_mapping(info["groups"], info["features"], num_buckets)
-    return out
-
-
-def model_spec(cfg: Config, manifest: dict) -> ModelSpec:
+def model_spec(cfg: Config, manifest: Manifest) -> ModelSpec:
     """The checkpoint spec of a run on this dataset."""
-    info = manifest["modalities"]
-    return ModelSpec.build(cfg, {m: info[m]["groups"] for m in info}, {m: info[m]["features"] for m in info})
+    info = manifest.modalities
+    return ModelSpec.build(cfg, {m: info[m].groups for m in info}, {m: info[m].features for m in info})
 
 
 @dataclasses.dataclass
@@ -43,7 +33,7 @@ class Run:
 
     cfg: Config
     root: Path
-    manifest: dict
+    manifest: Manifest
     layouts: dict[str, GroupLayout]
     num_train: int
     steps: int
@@ -77,7 +67,7 @@ class Run:
 
     def abstract_batch(self) -> dict:
         shapes = batch.shapes(self.cfg.train.global_batch_size, self.cfg.data.num_patches,
-                              self.manifest["patches"]["dim"], records.patch_numpy_dtype(self.manifest["patches"]["dtype"]),
+                              self.manifest.patches.dim, records.patch_numpy_dtype(self.manifest.patches.dtype),
                               {m: lay.num_features for m, lay in self.layouts.items()})
         return batch.abstract(shapes, self.batch_shardings)
 
@@ -108,11 +98,11 @@ def build_run(cfg: Config) -> Run:
         raise ConfigError("model.modalities is empty: masked omics modelling needs at least one of rna, dnam, cnv")
     root = Path(cfg.data.dir)
     manifest = records.load_manifest(root)
-    if manifest.get("allow_missing_modalities") and not cfg.data.allow_missing_modalities:
+    if manifest.allow_missing_modalities and not cfg.data.allow_missing_modalities:
         raise ConfigError(f"{root} was prepared with --allow-missing-modalities (some patients lack omics); "
                           "set data.allow_missing_modalities=true to train on it")
-    layouts = layouts_from_manifest(manifest, cfg.model.modalities, cfg.model.group_buckets)
-    num_train = len(pipeline.subset_indices(manifest["counts"].get("pretrain", 0), cfg.data.train_fraction))
+    layouts = manifest.layouts(cfg.model.modalities, cfg.model.group_buckets)
+    num_train = pipeline.num_train_records(manifest, cfg.data.train_fraction)
     steps = st.total_steps(cfg, num_train)
     spe = pipeline.steps_per_epoch(num_train, cfg.train.global_batch_size)
     mesh = shd.make_mesh(cfg.mesh)

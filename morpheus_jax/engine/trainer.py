@@ -1,7 +1,7 @@
 """The one training loop: a compiled step driven over a batch stream, with hooks.
 
 `Trainer.run(state, batches)` feeds batches to the step until ``steps``; every ``log_every``
-steps (and at evaluation, checkpoint and stop steps) it reads the step's metrics back and
+steps (and at evaluation and stop steps) it reads the step's metrics back and
 hands a row to ``on_row``; every ``eval_every`` steps it calls ``evaluate``; every
 ``checkpoint_every`` steps, at the end and on a stop it calls ``save``. Pretraining and
 fine-tuning are two uses of it (`morpheus_jax.apps`).

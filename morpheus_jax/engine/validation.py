@@ -11,6 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from morpheus_jax.core import sharding as shd
 from morpheus_jax.core.config import Config
+from morpheus_jax.core.manifest import Manifest
 from morpheus_jax.data import pipeline
 from morpheus_jax.engine.step import make_eval_step, make_generate
 from morpheus_jax.metrics import reconstruction as met
@@ -21,7 +22,7 @@ class Evaluator:
     on (seed, batch) so the validation loss is deterministic. Every process reads the whole
     split; outputs are replicated so each process can read them."""
 
-    def __init__(self, cfg: Config, root: Path, manifest: dict, codec, layouts, mesh):
+    def __init__(self, cfg: Config, root: Path, manifest: Manifest, codec, layouts, mesh):
         self.cfg, self.root, self.mesh = cfg, root, mesh
         self.layouts = layouts
         self.modalities = tuple(layouts)
@@ -73,7 +74,7 @@ class Evaluator:
         return np.stack([np.asarray(r["omics"][modality], np.float32) for r in self.records])
 
 
-def reconstruction_report(evaluator: Evaluator, params, root: Path, manifest: dict, target: str) -> dict:
+def reconstruction_report(evaluator: Evaluator, params, root: Path, manifest: Manifest, target: str) -> dict:
     """WSI-only generation of ``target`` on validation patients vs predicting the training mean."""
     train = pipeline.read_split(root, "pretrain", manifest)
     mean = np.mean([r["omics"][target] for r in train if r["available"][target]], axis=0)

@@ -1,1 +1,1 @@
-"""Evaluation metrics as pure NumPy functions (reconstruction, classification, survival)."""
+"""Evaluation metrics as pure array functions (NumPy; the hazard loss in JAX) (reconstruction, classification, survival)."""

@@ -63,7 +63,7 @@ def peak_flops(device_kind: str, dtype: str = "bfloat16") -> float | None:
 
 @dataclasses.dataclass(frozen=True)
 class GroupShapes:
-    """A modality's group sizes and the ``(groups, padded width)`` of each stored bucket."""
+    """A modality's group sizes and the ``(groups, padded width)`` of each computed bucket."""
 
     sizes: tuple[int, ...]
     buckets: tuple[tuple[int, int], ...]

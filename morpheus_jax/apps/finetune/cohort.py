@@ -21,6 +21,7 @@ from morpheus_jax.apps.downstream import (
 )
 from morpheus_jax.ckpt.checkpoint import Checkpoint, read_checkpoint
 from morpheus_jax.core.errors import DownstreamError
+from morpheus_jax.core.manifest import Manifest
 
 
 @dataclasses.dataclass
@@ -28,7 +29,7 @@ class Cohort:
     ckpt: Checkpoint
     inputs: Inputs
     root: Path
-    manifest: dict
+    manifest: Manifest
     split: str
     records: list[dict]
     columns: dict[str, list]          # column → value per record (none missing)

@@ -13,6 +13,7 @@ import numpy as np
 
 from morpheus_jax.apps.downstream import Inputs
 from morpheus_jax.core.errors import DownstreamError
+from morpheus_jax.core.manifest import Manifest
 from morpheus_jax.data import pipeline
 from morpheus_jax.data import records as rec
 
@@ -20,10 +21,10 @@ from morpheus_jax.data import records as rec
 class TrainSampler:
     """Builds fixed-shape training batches ``{wsi, wsi_mask, omics}`` for rows of a cohort."""
 
-    def __init__(self, root: Path, manifest: dict, inputs: Inputs, num_patches: int, seed: int):
+    def __init__(self, root: Path, manifest: Manifest, inputs: Inputs, num_patches: int, seed: int):
         self.root, self.inputs, self.num_patches, self.seed = Path(root), inputs, int(num_patches), int(seed)
-        self.dim = manifest["patches"]["dim"]
-        self.dtype = rec.patch_numpy_dtype(manifest["patches"]["dtype"])
+        self.dim = manifest.patches.dim
+        self.dtype = rec.patch_numpy_dtype(manifest.patches.dtype)
 
     def batch(self, records: list[dict], rows: np.ndarray, run: int, epoch: int) -> dict:
         b = len(rows)

@@ -21,13 +21,14 @@ from morpheus_jax.apps.finetune.cohort import numeric, open_cohort, summary_stat
 from morpheus_jax.apps.finetune.protocol import stratified_folds
 from morpheus_jax.apps.finetune.trainer import Finetuner, FinetuneSettings
 from morpheus_jax.core.atomic import write_csv, write_json
-from morpheus_jax.core.errors import DownstreamError
+from morpheus_jax.core.errors import DownstreamError, InputError
 from morpheus_jax.metrics.survival import (
     bin_index,
     concordance_index_censored,
     event_from_censorship,
     logistic_hazard_nll,
     quantile_cuts,
+    risk_from_logits,
 )
 
 
@@ -48,7 +49,7 @@ def run_survival(checkpoint: str | os.PathLike, dataset: str | os.PathLike, out_
     times = numeric(cohort.columns[time_column], time_column)
     try:
         event = event_from_censorship(numeric(cohort.columns[censorship_column], censorship_column))
-    except ValueError as e:
+    except InputError as e:
         raise DownstreamError(f"column {censorship_column!r}: {e}") from None
     if event.sum() < folds:
         raise DownstreamError(f"{int(event.sum())} observed events are too few for {folds} folds")
@@ -69,7 +70,7 @@ def run_survival(checkpoint: str | os.PathLike, dataset: str | os.PathLike, out_
         params, history = trainer.fit([cohort.records[i] for i in train],
                                       {"interval": interval[train], "event": event[train].astype(np.float32)}, run=k,
                                       save_to=Path(out_dir) / f"fold_{k}")
-        risk[test] = trainer.predict(params, [cohort.records[i] for i in test]).sum(-1)
+        risk[test] = risk_from_logits(trainer.predict(params, [cohort.records[i] for i in test]))
         c = concordance_index_censored(event[test], times[test], risk[test])[0]
         per_fold.append(c)
         cuts_per_fold.append(cuts.tolist())

@@ -24,6 +24,7 @@ from morpheus_jax.ckpt.checkpoint import Checkpoint
 from morpheus_jax.ckpt.store import Checkpointer, checkpoint_dir
 from morpheus_jax.core.config import TrainConfig
 from morpheus_jax.core.errors import DownstreamError, OutputExists
+from morpheus_jax.core.manifest import Manifest
 from morpheus_jax.core.spec import ModelSpec
 from morpheus_jax.engine import state as st
 from morpheus_jax.engine.step import make_head_step
@@ -50,9 +51,13 @@ class FinetuneSettings:
     pretrained: bool = True                 # False: the same model from random weights
 
     def check(self) -> None:
-        for name in ("epochs", "batch_size", "warmup_epochs", "cosine_period_epochs"):
-            if getattr(self, name) < 1:
-                raise DownstreamError(f"--{name.replace('_', '-')} must be at least 1")
+        flags = {"epochs": "--epochs", "batch_size": "--batch-size", "warmup_epochs": "--warmup-epochs",
+                 "cosine_period_epochs": "--cosine-period", "num_patches": "--num-patches",
+                 "eval_batch_size": "--eval-batch-size"}
+        for name, flag in flags.items():
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise DownstreamError(f"{flag} must be at least 1, got {value}")
         if not 0.0 <= self.dropout < 1.0:
             raise DownstreamError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.learning_rate <= 0:
@@ -63,7 +68,7 @@ class Finetuner:
     """Trains and applies `MorpheusFinetune` for one checkpoint, input set and task."""
 
     def __init__(self, ckpt: Checkpoint, inputs: Inputs, n_outputs: int, task_loss: TaskLoss,
-                 settings: FinetuneSettings, root: Path, manifest: dict, head: dict | None = None):
+                 settings: FinetuneSettings, root: Path, manifest: Manifest, head: dict | None = None):
         settings.check()
         self.s, self.inputs, self.n_outputs, self.root = settings, inputs, n_outputs, Path(root)
         self.cfg = finetune_config(ckpt.config.model, inputs.omics, settings.dropout)
@@ -140,8 +145,10 @@ class Finetuner:
         state["rng"] = jax.random.key_data(jax.random.fold_in(jax.random.key(self.s.seed), run))
         losses: list[float] = []
         saver = None if save_to is None else self._saver(Path(save_to))
-        trainer = Trainer(step, self.s.epochs * spe, b, log_every=1, on_row=lambda row: losses.append(row["loss"]),
-                          save=saver, checkpoint_every=0, desc="finetune")
+        total = self.s.epochs * spe
+        trainer = Trainer(step, total, b, log_every=1, on_row=lambda row: losses.append(row["loss"]),
+                          save=None if saver is None else lambda s, state, _: s == total and saver(s, state),
+                          checkpoint_every=0, desc="finetune")
         result = trainer.run(state, self._batches(records, targets, run, n, b))
         if result.stopped_by:
             raise DownstreamError(f"{result.stopped_by}: fine-tuning stopped at step {result.step} of run {run}; "
@@ -150,13 +157,13 @@ class Finetuner:
         return result.state["params"], history
 
     def _saver(self, run_dir: Path):
-        """``save(step, state, _)`` writing the fine-tuned parameters (no optimizer state: a
-        fine-tuning run is not resumed) into ``run_dir/checkpoints``."""
+        """``save(step, state)`` writing the fine-tuned parameters (no optimizer state: a
+        fine-tuning run is not resumed) into ``run_dir/checkpoints``; only the finished run is saved."""
         directory = checkpoint_dir(run_dir)
         if directory.exists() and any(directory.iterdir()):
             raise OutputExists(f"{directory} holds checkpoints already; use another --out")
 
-        def save(step: int, state: dict, _eval) -> None:
+        def save(step: int, state: dict) -> None:
             store = Checkpointer(directory, keep=1, async_save=False)
             try:
                 store.save(step, {"step": state["step"], "params": state["params"]}, None, self.spec)

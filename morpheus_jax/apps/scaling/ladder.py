@@ -39,7 +39,6 @@ import yaml
 
 from morpheus_jax.core.config import CONFIG_DIR, Config, load_config, shipped_file, yaml_problem
 from morpheus_jax.core.errors import ConfigError, DatasetError, LadderError
-from morpheus_jax.core.spec import GroupLayout
 from morpheus_jax.data import records
 from morpheus_jax.model.flops import sequence_lengths, step_flops
 
@@ -84,7 +83,7 @@ class Ladder:
 @dataclasses.dataclass
 class RunSpec:
     """One expanded run: its name, folder and ``key → value`` overrides of the base config
-    (budgets still as ``budget.*`` keys until `resolve`)."""
+    (budgets still as ``budget.*`` keys until `resolve_steps`)."""
 
     name: str
     run_dir: Path
@@ -268,15 +267,11 @@ def dataset_layouts(cfg: Config, group_sizes: str | Path | None = None):
     manifest = Path(cfg.data.dir) / "manifest.json"
     if manifest.exists():
         man = records.load_manifest(cfg.data.dir)
-        absent = [m for m in cfg.model.modalities if m not in man["modalities"]]
+        absent = [m for m in cfg.model.modalities if m not in man.modalities]
         if absent:
             raise DatasetError(f"{cfg.data.dir}: the dataset has no {', '.join(absent)} data (it has "
-                               f"{', '.join(man['modalities'])}); model.modalities lists {cfg.model.modalities}")
-        out = {}
-        for m in cfg.model.modalities:
-            info = man["modalities"][m]
-            out[m] = GroupLayout.from_mapping(info["groups"], info["features"], cfg.model.group_buckets)
-        return out
+                               f"{', '.join(man.modalities)}); model.modalities lists {cfg.model.modalities}")
+        return man.layouts(cfg.model.modalities, cfg.model.group_buckets)
     if group_sizes:
         sizes = read_group_sizes(group_sizes)
         absent = [m for m in cfg.model.modalities if m not in sizes]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import subprocess
 import sys
 import time
@@ -37,6 +36,9 @@ from morpheus_jax.apps.scaling.ladder import (
 from morpheus_jax.core.atomic import replacing, write_json
 from morpheus_jax.core.config import Config, from_dict, yaml_problem
 from morpheus_jax.core.errors import ConfigError, LadderError, MissingPath, UserError
+from morpheus_jax.data import records
+from morpheus_jax.data.pipeline import num_train_records
+from morpheus_jax.engine.state import total_steps
 from morpheus_jax.model import flops as fl
 
 SCALING_JSON = "scaling.json"
@@ -60,12 +62,9 @@ def _configured_steps(cfg: Config) -> int | None:
     """``train.steps``, or with ``train.epochs`` the loop's count (None without the dataset)."""
     if not cfg.train.epochs:
         return cfg.train.steps
-    manifest = Path(cfg.data.dir) / "manifest.json"
-    if not manifest.exists():
+    if not (Path(cfg.data.dir) / records.MANIFEST).exists():
         return None
-    n = json.loads(manifest.read_text())["counts"].get("pretrain", 0)
-    patients = max(1, math.ceil(cfg.data.train_fraction * n))
-    return cfg.train.epochs * math.ceil(patients / cfg.train.global_batch_size)
+    return total_steps(cfg, num_train_records(records.load_manifest(cfg.data.dir), cfg.data.train_fraction))
 
 
 def plan(ladder: Ladder, *, need_dataset: bool = False) -> list[dict]:
@@ -238,10 +237,8 @@ def collect_run(run_dir: str | Path, group_sizes: str | Path | None = None) -> d
     steps = int(final.get("step", cfg.train.steps))
     batch = cfg.train.global_batch_size
     patients = None
-    manifest = Path(cfg.data.dir) / "manifest.json"
-    if manifest.exists():
-        n = json.loads(manifest.read_text())["counts"].get("pretrain", 0)
-        patients = max(1, math.ceil(cfg.data.train_fraction * n))
+    if (Path(cfg.data.dir) / records.MANIFEST).exists():
+        patients = num_train_records(records.load_manifest(cfg.data.dir), cfg.data.train_fraction)
     return {"run": run_dir.name, "params": int(info["params"]), "samples": steps * batch, "loss": loss,
             "flops": float(info["flops_per_step"]) * steps,
             "params_without_group_mlps": int(info["params_without_group_mlps"]),
