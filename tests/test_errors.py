@@ -178,6 +178,9 @@ def _cases(tmp):
     return [
         (["pretrain", "--config", str(tmp / "bad_config.yaml")], "pretrain", str(tmp / "bad_config.yaml")),
         (["pretrain", "train.steps=[1"], "pretrain", "train.steps=[1"),
+        (["pretrain", "data.num_patches=0"], "pretrain", "data.num_patches"),
+        (["pretrain", "train.learning_rate=-1e-3"], "pretrain", "train.learning_rate"),
+        (["pretrain", "train.log_every=0"], "pretrain", "train.log_every"),
         (["pretrain", "--config", str(tmp)], "pretrain", str(tmp)),
         (["prepare", "--out", str(tmp / "o")], "prepare", "--raw"),
         (["synth", str(full)], "synth", str(full)),

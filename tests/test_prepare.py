@@ -273,3 +273,67 @@ def test_prepare_peak_memory_does_not_grow_with_cohort(tmp_path):
     assert csv_mb > 40
     print(peaks, csv_mb)
     assert peaks[400] - peaks[40] < 25, (peaks, csv_mb)
+
+
+# -- the output folder: nothing the user owns is ever deleted ------------------------------------------
+
+def _opts(**kw):
+    return PrepareOptions(**{"wsi_dim": DIM, "records_per_shard": 16, "progress": False, **kw})
+
+
+def _listing(folder):
+    return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*"))
+
+
+def test_out_may_not_be_or_hold_or_lie_inside_an_input(cohort, tmp_path):
+    root, _ = cohort
+    raw = _copy_raw(root, tmp_path)
+    before = _listing(raw)
+    for out, why in ((raw, "holds the input"), (raw / "features" / "ds", "inside the input folder"),
+                     (tmp_path, "holds the input")):
+        with pytest.raises(PrepareError, match=why):
+            prepare(RawCohort.from_dir(raw), out, _opts(overwrite=True))
+    assert _listing(raw) == before
+
+
+def test_out_with_foreign_files_is_refused_and_kept(cohort, tmp_path):
+    root, _ = cohort
+    raw = RawCohort.from_dir(root / "raw")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's")
+    with pytest.raises(PrepareError, match="notes.txt"):
+        prepare(raw, mine, _opts())
+    # Beside a prepared dataset, --overwrite refuses too: the folder is not only ours.
+    ds = tmp_path / "ds"
+    prepare(raw, ds, _opts())
+    (ds / "notes.txt").write_text("the user's")
+    with pytest.raises(PrepareError, match="notes.txt"):
+        prepare(raw, ds, _opts(overwrite=True))
+    assert (mine / "notes.txt").read_text() == (ds / "notes.txt").read_text() == "the user's"
+    assert records.load_manifest(ds).count("pretrain") > 0
+    with pytest.raises(PrepareError, match="is a file"):
+        prepare(raw, mine / "notes.txt", _opts())
+
+
+def test_overwrite_swaps_in_a_complete_dataset_and_keeps_the_old_one_on_failure(cohort, tmp_path):
+    root, _ = cohort
+    raw = _copy_raw(root, tmp_path)
+    ds = tmp_path / "ds"
+    first = prepare(RawCohort.from_dir(raw), ds, _opts())
+    # New inputs that fail validation: the previous dataset is untouched and still loads.
+    df = pd.read_csv(raw / "omics" / "rna.csv", index_col=0)
+    col = next(iter(json.load(open(raw / "mappings" / "rna.json")).values()))[0]
+    df[col] = df[col].astype(object)
+    df.iloc[0, df.columns.get_loc(col)] = "high"
+    df.to_csv(raw / "omics" / "rna.csv")
+    with pytest.raises(PrepareError, match="rna.csv"):
+        prepare(RawCohort.from_dir(raw), ds, _opts(overwrite=True))
+    assert records.load_manifest(ds).shards == first.shards and not records.verify_dataset(ds)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "raw"]      # no staging left behind
+    # Good inputs with another shard size: replaced whole, nothing left beside it.
+    shutil.copy(root / "raw" / "omics" / "rna.csv", raw / "omics" / "rna.csv")
+    second = prepare(RawCohort.from_dir(raw), ds, _opts(overwrite=True, records_per_shard=8))
+    assert len(second.shards) > len(first.shards)
+    assert records.load_manifest(ds).shards == second.shards and not records.verify_dataset(ds)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "raw"]

@@ -178,10 +178,12 @@ def pretrain(cfg: Config, *, progress: bool = True) -> dict:
                                                        device_kind, cfg.model.compute_dtype),
         checkpoint_every=cfg.checkpoint.every, save=save, preemption_every=cfg.checkpoint.preemption_check_every,
         progress=progress, desc="pretrain")
-    result = trainer.run(state, data_iter, start, last_eval)
-    ckpt.close()
-    data_iter.close_reader()
-    folder.close()
+    try:
+        result = trainer.run(state, data_iter, start, last_eval)
+    finally:                      # a diverged run keeps its checkpoints whole (async saves finish)
+        ckpt.close()
+        data_iter.close_reader()
+        folder.close()
     if result.stopped_by:
         log.info(f"{result.stopped_by}: saved checkpoint at step {result.step} in {ckpt.directory}; "
                  "rerun the same command to resume")

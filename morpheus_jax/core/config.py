@@ -328,6 +328,32 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.train_fraction must be in (0, 1], got {cfg.data.train_fraction}")
     if m.group_buckets < 1:
         raise ConfigError("model.group_buckets must be >= 1")
+    for key, lowest in _LOWER_BOUNDS.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is not None and value < lowest:
+            raise ConfigError(f"{key} must be >= {lowest:g}, got {value}")
+    for key in ("train.learning_rate",):
+        section, name = key.split(".")
+        if not getattr(getattr(cfg, section), name) > 0:
+            raise ConfigError(f"{key} must be > 0, got {getattr(getattr(cfg, section), name)}")
+    for name in ("encoder_dropout", "decoder_dropout"):
+        if not 0.0 <= getattr(m, name) < 1.0:
+            raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(m, name)}")
+
+
+# Ranges checked by `validate` (a value below the bound is a ConfigError naming the key).
+_LOWER_BOUNDS = {
+    "data.num_patches": 1, "data.worker_count": 0, "data.prefetch_buffer": 1, "data.eval_batch_size": 1,
+    "data.eval_bag_bucket": 1,
+    "model.hidden_size": 1, "model.num_prototypes": 1, "model.wsi_dim": 1, "model.group_hidden": 1,
+    "model.encoder_layers": 0, "model.encoder_heads": 1, "model.encoder_mlp_dim": 1,
+    "model.decoder_layers": 0, "model.decoder_heads": 1, "model.decoder_mlp_dim": 1, "model.layer_norm_eps": 0.0,
+    "train.epochs": 1, "train.weight_decay": 0.0, "train.b1": 0.0, "train.b2": 0.0, "train.warmup_steps": 0,
+    "train.decay_steps": 1, "train.end_lr_factor": 0.0, "train.warmup_epochs": 0, "train.cosine_period_epochs": 1,
+    "train.grad_clip_norm": 0.0, "train.log_every": 1, "train.eval_every": 0,
+    "checkpoint.every": 0, "checkpoint.keep": 1, "checkpoint.keep_best": 0, "checkpoint.preemption_check_every": 1,
+}
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

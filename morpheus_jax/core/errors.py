@@ -63,6 +63,10 @@ class WeightFileError(ExportError):
     """A weight file that cannot be read or written (format, dtype, suffix)."""
 
 
+class TrainingDiverged(UserError):
+    """A non-finite loss or gradient norm; names the step (the config, e.g. the learning rate, is the fix)."""
+
+
 class CheckpointError(UserError):
     """A checkpoint that cannot be read or resumed (names the step folder and the part)."""
 

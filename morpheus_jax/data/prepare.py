@@ -282,15 +282,75 @@ def write_shard(task: ShardTask) -> dict:
 
 # -- the whole run ------------------------------------------------------------------------------------
 
+# What `prepare` writes into a dataset folder; a folder holding anything else is not ours to replace.
+OWN_ENTRIES = {rec.MANIFEST, "records", "patches", SCRATCH}
+
+
+def _inputs_overlap(out: Path, cohort: RawCohort) -> str | None:
+    """Why ``out`` may not be written: it is, holds or lies inside an input (None if it may)."""
+    out = out.resolve()
+    files = [Path(p).resolve() for p in (cohort.metadata, *cohort.omics.values(), *cohort.mappings.values())]
+    folder = Path(cohort.features_dir).resolve()
+    for f in files:
+        if f == out or out in f.parents:
+            return f"it holds the input {f}"
+    if folder == out or out in folder.parents:
+        return f"it holds the input folder {folder}"
+    if folder in out.parents:
+        return f"it lies inside the input folder {folder}"
+    return None
+
+
+def _work_dir(out: Path, cohort: RawCohort, opts: PrepareOptions) -> Path:
+    """Where this run writes: ``out`` itself (new, empty, or an interrupted prepare's own files
+    to resume), or, to replace a complete dataset (``overwrite``), a staging folder beside it
+    that is swapped in only once the new dataset is complete. Refuses, before anything is
+    written, an ``out`` that is a file, overlaps an input, or holds files prepare did not write."""
+    why = _inputs_overlap(out, cohort)
+    if why:
+        raise PrepareError(f"--out {out}: {why}; write the dataset to a folder of its own")
+    if out.exists() and not out.is_dir():
+        raise PrepareError(f"--out {out}: is a file, not a folder")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN_ENTRIES) if out.is_dir() else []
+    if foreign:
+        raise PrepareError(f"--out {out}: holds files prepare did not write ({', '.join(foreign[:3])}"
+                           f"{', …' if len(foreign) > 3 else ''}); give a new or empty folder")
+    if not (out / rec.MANIFEST).exists():
+        return out
+    if not opts.overwrite:
+        raise PrepareError(f"{out}: a prepared dataset already exists (pass --overwrite to replace it)")
+    return out.with_name(f".{out.name}.preparing")
+
+
+def _swap_in(work: Path, out: Path) -> None:
+    """Replace the dataset at ``out`` by the complete one at ``work`` (two renames)."""
+    old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+    os.replace(out, old)
+    os.replace(work, out)
+    shutil.rmtree(old)
+
+
 def prepare(cohort: RawCohort, out: str | os.PathLike, opts: PrepareOptions | None = None) -> Manifest:
-    """Validate the raw cohort and write (or finish writing) the prepared dataset."""
+    """Validate the raw cohort and write (or finish writing) the prepared dataset at ``out``.
+
+    Replacing a dataset (``overwrite``) writes the new one beside it and swaps it in when
+    complete: a failure leaves the old dataset as it was."""
     opts = opts or PrepareOptions()
-    out = Path(out)
-    t0 = time.time()
-    if (out / rec.MANIFEST).exists():
-        if not opts.overwrite:
-            raise PrepareError(f"{out}: a prepared dataset already exists (pass --overwrite to replace it)")
-        shutil.rmtree(out)
+    final, t0 = Path(out), time.time()
+    out = _work_dir(final, cohort, opts)
+    fresh = not out.exists()
+    try:
+        manifest = _prepare(cohort, out, opts, t0)
+    except PrepareError:
+        if fresh and not any((out / SCRATCH / "shards").glob("*.json")):
+            shutil.rmtree(out, ignore_errors=True)       # nothing worth resuming: leave nothing behind
+        raise
+    if out != final:
+        _swap_in(out, final)
+    return manifest
+
+
+def _prepare(cohort: RawCohort, out: Path, opts: PrepareOptions, t0: float) -> Manifest:
     if not cohort.omics:
         raise PrepareError("no omics CSV given (expected --omics rna=CSV dnam=CSV cnv=CSV)")
     for m in cohort.omics:

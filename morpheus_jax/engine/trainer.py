@@ -11,6 +11,9 @@ SIGTERM/SIGINT: the current step finishes, ``save`` runs, and `run` returns with
 signal is agreed by an all-gather — a host-blocking collective, so it runs only every
 ``preemption_every`` steps and at steps that read metrics back anyway (a process signalled
 between two checks stops at the next one). A single process checks after every step.
+
+A non-finite loss or gradient norm stops the run with `TrainingDiverged` naming the step:
+the metrics are read back (and checked) before every save, so no diverged state is saved.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
+
+from morpheus_jax.core.errors import TrainingDiverged
 
 
 class Preemption:
@@ -58,6 +63,18 @@ class Preemption:
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+def _check_finite(step: int, pending: list) -> None:
+    """A non-finite loss or gradient norm among the steps since the last check stops the run,
+    naming the first such step (the last checkpoint saved before it is kept)."""
+    values = jax.device_get([(m["loss"], m.get("grad_norm", 0.0)) for m in pending])
+    for i, (loss, grad_norm) in enumerate(values):
+        if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+            first = step - len(pending) + 1 + i
+            raise TrainingDiverged(f"step {first}: the loss is {float(loss)} and the gradient norm {float(grad_norm)}; "
+                                   "the run stopped there, its last checkpoint is the one before (lower "
+                                   "train.learning_rate or set train.grad_clip_norm)")
 
 
 @dataclasses.dataclass
@@ -107,8 +124,12 @@ class Trainer:
                     jax.block_until_ready(pending[-3]["loss"])
                 is_log = self._due(self.log_every, step)
                 is_eval = self.evaluate is not None and self._due(self.eval_every, step)
+                is_save = self.save is not None and (self._due(self.checkpoint_every, step) or step == self.steps)
                 stop = pre.poll(step, syncing=is_log or is_eval)
+                if is_save or stop:
+                    _check_finite(step, pending)       # never save a diverged state
                 if is_log or is_eval or stop:
+                    _check_finite(step, pending)
                     row = self._row(step, pending, t_window)
                     if is_eval:
                         last_eval = {"step": step, **self.evaluate(state)}
@@ -119,7 +140,7 @@ class Trainer:
                                     **({"val": f"{row['val_loss']:.4f}"} if "val_loss" in row else {}))
                     pending, t_window = [], time.perf_counter()
                 bar.update(1)
-                if self.save is not None and (self._due(self.checkpoint_every, step) or step == self.steps or stop):
+                if is_save or (self.save is not None and stop):
                     self.save(step, state, last_eval if last_eval.get("step") == step else None)
                 if stop:
                     stopped = signal.Signals(stop).name
@@ -128,6 +149,7 @@ class Trainer:
         return TrainResult(state, step, last_eval, stopped)
 
     def _row(self, step: int, pending: list, t_window: float) -> dict:
+        """The metrics row of ``step`` (its metrics; throughput over the steps since the last row)."""
         values = jax.device_get(pending[-1])
         elapsed = time.perf_counter() - t_window
         row = {"step": step, **{k: float(v) for k, v in values.items()},
