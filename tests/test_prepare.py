@@ -337,3 +337,39 @@ def test_overwrite_swaps_in_a_complete_dataset_and_keeps_the_old_one_on_failure(
     assert len(second.shards) > len(first.shards)
     assert records.load_manifest(ds).shards == second.shards and not records.verify_dataset(ds)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "raw"]
+
+
+def test_ids_are_strings_and_a_differently_written_id_is_named(cohort, tmp_path):
+    """Leading zeros and 'NA' survive as ids; an id that differs only by whitespace, case or
+    leading zeros between the metadata and an omics CSV is an error naming both, not a skip."""
+    root, _ = cohort
+    raw = _copy_raw(root, tmp_path)
+    meta = pd.read_csv(raw / "metadata.csv", dtype=str, keep_default_na=False)
+    old = pipeline.read_split(root / "ds", "pretrain")[0]["submitter_id"]     # a patient prepare keeps
+    for m in ("rna", "dnam", "cnv"):
+        text = (raw / "omics" / f"{m}.csv").read_text().replace(f"\n{old},", "\n0007,")
+        (raw / "omics" / f"{m}.csv").write_text(text)
+    meta.loc[meta["submitter_id"] == old, "submitter_id"] = "0007"
+    meta.to_csv(raw / "metadata.csv", index=False)
+    manifest = prepare(RawCohort.from_dir(raw), tmp_path / "ds", _opts())
+    ids = {r["submitter_id"] for s in SPLITS for r in pipeline.read_split(tmp_path / "ds", s, manifest)}
+    assert "0007" in ids
+    text = (raw / "omics" / "rna.csv").read_text().replace("\n0007,", "\n7,")
+    (raw / "omics" / "rna.csv").write_text(text)
+    with pytest.raises(PrepareError, match=r"'0007' appears in the rna CSV as '7'"):
+        prepare(RawCohort.from_dir(raw), tmp_path / "ds2", _opts())
+    assert not (tmp_path / "ds2").exists()
+
+
+def test_a_split_left_empty_fails_with_the_reasons(cohort, tmp_path):
+    root, _ = cohort
+    raw = _copy_raw(root, tmp_path)
+    lines = (raw / "omics" / "cnv.csv").read_text().splitlines()
+    (raw / "omics" / "cnv.csv").write_text(lines[0] + "\n")
+    with pytest.raises(PrepareError, match="header but no rows"):
+        prepare(RawCohort.from_dir(raw), tmp_path / "ds", _opts())
+    # One cnv row left: every other patient lacks cnv, so whole splits end up empty.
+    (raw / "omics" / "cnv.csv").write_text(lines[0] + "\n" + lines[1] + "\n")
+    with pytest.raises(PrepareError, match=r"no patient of split .* is left \(skipped: \d+ missing modality"):
+        prepare(RawCohort.from_dir(raw), tmp_path / "ds", _opts())
+    assert not (tmp_path / "ds").exists()

@@ -115,7 +115,30 @@ def _select(meta: pd.DataFrame, tables: dict[str, OmicsTable], metadata_path: Pa
             continue
         row["omics_rows"] = {m: tables[m].rows.get(sid, -1) for m in modalities}
         keep.append(row)
+    _explain_id_mismatch(meta, tables, metadata_path, skipped)
     return keep, skipped
+
+
+def _id_key(sid: str) -> str:
+    """An id with the differences that usually mean "the same patient, written differently"
+    removed: surrounding whitespace, letter case, leading zeros."""
+    return sid.strip().lower().lstrip("0") or "0"
+
+
+def _explain_id_mismatch(meta: pd.DataFrame, tables: dict[str, OmicsTable], metadata_path: Path,
+                         skipped: dict[str, int]) -> None:
+    """Patients lacking a modality only because their id is written differently in its CSV
+    (whitespace, case, leading zeros) are an error naming both spellings, not a silent skip."""
+    if not skipped["missing_modality"]:
+        return
+    ids = [str(s) for s in meta["submitter_id"]]
+    for m, table in tables.items():
+        keys = {_id_key(s): s for s in table.rows}
+        for sid in ids:
+            if sid not in table.rows and _id_key(sid) in keys:
+                other = keys[_id_key(sid)]
+                raise PrepareError(f"{metadata_path}: submitter_id {sid!r} appears in the {m} CSV as {other!r} "
+                                   f"(whitespace, case or leading zeros differ); ids must match exactly")
 
 
 def _check_slides(keep: list[dict], features_dir: Path, opts: PrepareOptions) -> None:
@@ -368,6 +391,13 @@ def _prepare(cohort: RawCohort, out: Path, opts: PrepareOptions, t0: float) -> M
     scratch = out / SCRATCH
     tables = {m: stream_omics(cohort.omics[m], m, groups[m], scratch / f"omics-{m}.f32") for m in modalities}
     keep, skipped = _select(meta, tables, cohort.metadata, opts)
+    listed = {s: int((meta["split"] == s).sum()) for s in SPLITS}
+    empty = [s for s in SPLITS if listed[s] and not any(r["split"] == s for r in keep)]
+    if empty or not keep:
+        reasons = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in skipped.items() if n) or "none"
+        raise PrepareError(f"{cohort.metadata}: no patient of split {', '.join(empty) or 'any'} is left "
+                           f"(skipped: {reasons}); check that submitter_id matches the omics CSVs' index and "
+                           "every patient has slides (or pass --allow-missing-modalities)")
     meta_cols = [c for c in meta.columns if c not in RESERVED]
     _check_slides(keep, cohort.features_dir, opts)
 

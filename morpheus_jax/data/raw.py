@@ -20,6 +20,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pandas as pd
+from pandas._libs.parsers import STR_NA_VALUES
 
 from morpheus_jax.core.errors import PrepareError
 from morpheus_jax.core.names import MODALITIES, SPLITS
@@ -175,9 +176,11 @@ def stream_omics(path: Path, modality: str, groups: dict[str, list[str]], out: P
     canonical order) to ``out`` as float32 rows."""
     features = canonical_features(groups)
     try:
-        header = pd.read_csv(path, nrows=0, index_col=0)
+        header = pd.read_csv(path, nrows=1, index_col=0)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, ValueError, UnicodeDecodeError) as e:
         raise PrepareError(f"{path}: cannot read omics CSV ({e})") from None
+    if header.empty:
+        raise PrepareError(f"{path}: the omics CSV has a header but no rows (one row per submitter_id expected)")
     absent = [f for f in features if f not in header.columns]
     if absent:
         raise PrepareError(f"{path}: {len(absent)} mapping features absent from the CSV columns, e.g. {absent[:5]}")
@@ -188,8 +191,10 @@ def stream_omics(path: Path, modality: str, groups: dict[str, list[str]], out: P
     try:
         with open(out, "wb") as sink:
             rows_per_chunk = max(8, CSV_CHUNK_CELLS // max(len(header.columns), 1))
-            for df in pd.read_csv(path, index_col=0, usecols=positions, chunksize=rows_per_chunk):
-                df.index = df.index.astype(str)
+            # Ids are strings as written ("0001" stays "0001", "NA" is an id); values keep
+            # pandas' missing-value tokens.
+            for df in pd.read_csv(path, index_col=0, usecols=positions, chunksize=rows_per_chunk, dtype={0: str},
+                                  keep_default_na=False, na_values={f: _NA_TOKENS for f in header.columns}):
                 df = df[features]
                 values = _check_chunk(path, modality, df, features)
                 for sid in df.index:
@@ -205,6 +210,9 @@ def stream_omics(path: Path, modality: str, groups: dict[str, list[str]], out: P
     except pd.errors.ParserError as e:
         raise PrepareError(f"{path}: malformed CSV ({e})") from None
     return OmicsTable(out, features, rows, missing)
+
+
+_NA_TOKENS = sorted(STR_NA_VALUES)
 
 
 def slide_shape(path: Path) -> tuple[int, int]:
