@@ -20,7 +20,7 @@ import pandas as pd
 from scipy.stats import ttest_ind
 
 from morpheus_jax.api import MorpheusModel, load
-from morpheus_jax.apps.plots import _pyplot
+from morpheus_jax.apps.plots import pyplot
 from morpheus_jax.core.atomic import replacing, save_figure, write_csv, write_json
 from morpheus_jax.core.errors import DownstreamError
 from morpheus_jax.core.manifest import Manifest
@@ -296,7 +296,7 @@ def reconstruction_table(preds: dict[Inputs, np.ndarray], truth: np.ndarray, *, 
 def reconstruction_plot(rows: list[dict], thresholds: Sequence[float], out: Path, title: str) -> None:
     """Features above threshold against threshold, one series per input combination."""
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for row in rows:
         ax.plot(thresholds, [row[f"above_{t:g}"] for t in thresholds], "o-", ms=3, lw=1.4,

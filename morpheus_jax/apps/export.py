@@ -23,6 +23,7 @@ from morpheus_jax.core.errors import ExportError, OutputExists
 from morpheus_jax.core.names import MODALITIES
 from morpheus_jax.core.spec import GroupLayout, ModelSpec
 from morpheus_jax.data.prepare import canonical_features
+from morpheus_jax.model.heads import HEAD
 from morpheus_jax.model.morpheus import init_model
 
 SIDECAR_FORMAT = "morpheus-jax/pytorch-export"
@@ -89,8 +90,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
         encoder_only = True
     sd = torch_layout.to_torch(ckpt.params, ckpt.layouts, cfg.model, encoder_only=encoder_only, modalities=mods)
     head = None
-    if "final_layer.kernel" in ckpt.params:   # a fine-tuned model (morpheus finetune … --out)
-        head = {**(ckpt.spec.head or {}), "n_outputs": int(ckpt.params["final_layer.kernel"].shape[1])}
+    if f"{HEAD}kernel" in ckpt.params:   # a fine-tuned model (morpheus finetune … --out)
+        head = {**(ckpt.spec.head or {}), "n_outputs": int(ckpt.params[f"{HEAD}kernel"].shape[1])}
     sidecar = build_sidecar(cfg, ckpt.groups, ckpt.features, mods, encoder_only=encoder_only, dtype=dtype,
                             step=ckpt.step, source=str(ckpt.step_dir), head=head)
     path = files.write_weights(out, sd, sidecar, dtype=dtype)

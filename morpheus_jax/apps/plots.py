@@ -8,7 +8,8 @@ from morpheus_jax.core.atomic import save_figure
 from morpheus_jax.core.log import read_jsonl
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (figures written to files, no display)."""
     import matplotlib  # lazy: start-up time
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # lazy: start-up time
@@ -18,7 +19,7 @@ def _pyplot():
 def loss_plot(metrics_path: str | Path, out: str | Path) -> None:
     """Training loss (total and per modality) and validation loss against step."""
     rows = read_jsonl(metrics_path)
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     train = [r for r in rows if "loss" in r]
     if train:

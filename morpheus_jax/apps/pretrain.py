@@ -16,7 +16,6 @@ from the same global batch index, since batch k is a pure function of the seed a
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import jax
@@ -132,7 +131,7 @@ class RunFolder:
 
 def _describe(run: Run, folder: RunFolder, flops_info: dict, param_info: dict) -> None:
     cfg, mesh = run.cfg, run.mesh
-    n_params = sum(math.prod(s) for s in run.codec.shapes.values())
+    n_params = run.codec.stored_size()
     log.info(f"model: {n_params / 1e6:.2f}M stored parameters; {run.steps} steps of {cfg.train.global_batch_size} "
              f"({run.steps_per_epoch} steps/epoch over {run.num_train} patients); mesh {dict(mesh.shape)} on "
              f"{jax.process_count()} process(es)")

@@ -272,6 +272,17 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return nested
 
 
+def read_yaml_mapping(path: Path, what: str, error: type[ConfigError] = ConfigError) -> dict:
+    """A YAML file whose top level is a mapping (empty file: {}); ``error`` names the file otherwise."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise error(f"{path}: cannot read the {what} YAML ({yaml_problem(e)})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a mapping at the top level")
+    return data
+
+
 def yaml_problem(e: Exception) -> str:
     """A YAML parse error in one line: the problem and where (PyYAML's own text spans lines)."""
     mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
@@ -290,12 +301,7 @@ def from_dict(data: dict[str, Any] | None) -> Config:
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
     """Default: the shipped ``demo``; a bare name (``paper``) is a shipped config (`shipped_file`)."""
     path = shipped_file("demo" if path is None else path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read the config YAML ({yaml_problem(e)})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+    data = read_yaml_mapping(path, "config")
     cfg = Config()
     try:
         _apply(cfg, data)

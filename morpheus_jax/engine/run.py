@@ -21,6 +21,12 @@ from morpheus_jax.model.morpheus import init_model
 from morpheus_jax.model.params import ParamCodec
 
 
+def _abstract_state(codec: ParamCodec, tx, seed: int) -> dict:
+    """Shapes and dtypes of the train state (no arrays allocated)."""
+    return jax.eval_shape(lambda: st.init_state(
+        {n: jax.ShapeDtypeStruct(codec.shapes[n], codec.dtypes[n]) for n in codec.names}, tx, seed))
+
+
 def model_spec(cfg: Config, manifest: Manifest) -> ModelSpec:
     """The checkpoint spec of a run on this dataset."""
     info = manifest.modalities
@@ -59,9 +65,7 @@ class Run:
 
     def abstract_state(self) -> dict:
         """Shapes, dtypes and target shardings (what Orbax restores onto)."""
-        shapes = jax.eval_shape(lambda: st.init_state(
-            {n: jax.ShapeDtypeStruct(self.codec.shapes[n], self.codec.dtypes[n]) for n in self.codec.names},
-            self.tx, self.cfg.seed))
+        shapes = _abstract_state(self.codec, self.tx, self.cfg.seed)
         return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             shapes, self.state_shardings)
 
@@ -116,8 +120,6 @@ def build_run(cfg: Config) -> Run:
     schedule = st.make_schedule(cfg.train, steps, spe)
     tx = st.make_optimizer(cfg.train, schedule)
     psh = shd.tree_shardings(codec.axes, codec.shapes, rules, mesh)
-    abstract = jax.eval_shape(lambda: st.init_state(
-        {n: jax.ShapeDtypeStruct(codec.shapes[n], codec.dtypes[n]) for n in codec.names}, tx, cfg.seed))
-    ssh = shd.state_shardings(abstract, psh, codec.shapes, mesh)
+    ssh = shd.state_shardings(_abstract_state(codec, tx, cfg.seed), psh, codec.shapes, mesh)
     bsh = batch.shardings(mesh, rules, layouts)
     return Run(cfg, root, manifest, layouts, num_train, steps, spe, mesh, codec, schedule, tx, psh, ssh, bsh, model)

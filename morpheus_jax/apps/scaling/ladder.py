@@ -35,9 +35,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from morpheus_jax.core.config import CONFIG_DIR, Config, load_config, shipped_file, yaml_problem
+from morpheus_jax.core.config import CONFIG_DIR, Config, load_config, read_yaml_mapping, shipped_file
 from morpheus_jax.core.errors import ConfigError, DatasetError, LadderError
 from morpheus_jax.data import records
 from morpheus_jax.model.flops import sequence_lengths, step_flops
@@ -179,12 +177,7 @@ def load_ladder(path: str | Path, out: str | Path | None = None) -> Ladder:
         path = shipped_file(path, subdir="scaling")
     except ConfigError as e:
         raise LadderError(f"ladder file {e}") from None
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise LadderError(f"{path}: cannot read the ladder YAML ({yaml_problem(e)})") from None
-    if not isinstance(data, dict):
-        raise LadderError(f"{path}: expected a mapping at the top level")
+    data = read_yaml_mapping(path, "ladder", LadderError)
     known = {"name", "base", "out", "fixed", "axes", "launch", "group_sizes", "description"}
     unknown = set(data) - known
     if unknown:

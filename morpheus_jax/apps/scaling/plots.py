@@ -7,15 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from morpheus_jax.apps.plots import pyplot
 from morpheus_jax.apps.scaling.fit import ComputeRelation, Law, optimal_allocation
 from morpheus_jax.core.atomic import save_figure
-
-
-def _pyplot():
-    import matplotlib  # lazy: start-up time
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # lazy: start-up time
-    return plt
 
 
 def _si(x: float) -> str:
@@ -37,7 +31,7 @@ def loss_vs_compute(rows: list[dict], law: Law, relation: ComputeRelation, out: 
     """Final validation loss of each run against its training FLOPs, one colour per model
     size, with the fitted ``L(N, D = C / FLOPs per sample)`` of each size (its runs' FLOPs per
     sample, else ``k N^γ``) and the compute-optimal frontier under ``C = k N^γ D``."""
-    plt = _pyplot()
+    plt = pyplot()
     compute = run_compute(rows, relation, params_column)
     loss = np.array([r["loss"] for r in rows], float)
     sizes = sorted({r[params_column] for r in rows})
@@ -80,7 +74,7 @@ def optimal_allocation_plot(law: Law, relation: ComputeRelation, out: str | Path
                             boot: list[Law] = (), rows: list[dict] = (), confidence: float = 0.95,
                             params_column: str = "params") -> Path:
     """Predicted compute-optimal N and D against the budget, with bootstrap bands."""
-    plt = _pyplot()
+    plt = pyplot()
     budgets = np.asarray(budgets, float)
     n_opt, d_opt = optimal_allocation(law, budgets, relation)
     fig, axes = plt.subplots(1, 2, figsize=(9.5, 4.0))
