@@ -27,7 +27,7 @@ def _one_error_line(capsys, command: str) -> str:
 # -- (a), (b): a bug keeps its traceback, a user error is one line ----------------------------------
 
 def test_library_bug_reaches_the_caller(monkeypatch, tmp_path, capsys):
-    def broken(root):
+    def broken(root, **kw):
         raise ValueError("a bug in load_manifest")
 
     monkeypatch.setattr(records, "load_manifest", broken)
@@ -135,7 +135,7 @@ def test_every_error_a_user_meets_is_a_user_error():
 
 @pytest.mark.parametrize("cls", [c for c in ERROR_CLASSES if issubclass(c, UserError)], ids=lambda c: c.__name__)
 def test_cli_prints_every_user_error(cls, monkeypatch, tmp_path, capsys):
-    def raising(root):
+    def raising(root, **kw):
         raise cls(f"{root}: the message")
 
     monkeypatch.setattr(records, "load_manifest", raising)
@@ -146,7 +146,7 @@ def test_cli_prints_every_user_error(cls, monkeypatch, tmp_path, capsys):
 @pytest.mark.parametrize("cls", [ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError,
                                  RuntimeError, MorpheusError], ids=lambda c: c.__name__)
 def test_cli_lets_everything_else_through(cls, monkeypatch, tmp_path):
-    def raising(root):
+    def raising(root, **kw):
         raise cls("not a user error")
 
     monkeypatch.setattr(records, "load_manifest", raising)
@@ -155,7 +155,7 @@ def test_cli_lets_everything_else_through(cls, monkeypatch, tmp_path):
 
 
 def test_multiline_user_error_is_printed_on_one_line(monkeypatch, tmp_path, capsys):
-    def raising(root):
+    def raising(root, **kw):
         raise errors.DatasetError("first part\n  second part\n")
 
     monkeypatch.setattr(records, "load_manifest", raising)

@@ -84,7 +84,7 @@ def test_two_processes_match_one_process(mesh_runs, tiny_dataset, tmp_path):
         "config.yaml", "parameters.txt", "metrics.jsonl", "final.json"}
     (checkpoint_dir(run) / "10" / "data" / "process_1-of-2.json").write_text("{truncated")
     out = launch()
-    assert f"checkpoint {checkpoint_dir(run) / '10'} is incomplete or corrupted (unreadable in process(es) 1)" in out
+    assert f"checkpoint {checkpoint_dir(run) / '10'} is damaged (" in out and "process_1-of-2.json" in out
     assert f"resumed from {checkpoint_dir(run) / '5'} at step 5" in out
 
 
@@ -223,9 +223,32 @@ def test_damaged_latest_checkpoint_is_skipped_and_incompatible_config_refused(ti
     ckpt.close()
     assert step == 3 and int(state["step"]) == 3
     out = capsys.readouterr().out
-    assert "incomplete or corrupted" in out and f"{ckdir / '6'}" in out
+    assert f"checkpoint {ckdir / '6'} is damaged (" in out and "missing" in out
     # Set aside for inspection, out of the step list: the run saves step 6 again.
     assert (ckdir / "6.damaged" / "state").is_dir() and not (ckdir / "6").exists()
+    # Whatever part is damaged: random bytes in an array file, a truncated spec, an altered
+    # checksum list; each is set aside in turn and the previous step restored.
+    for damage in ("bytes", "spec", "checksums"):
+        shutil.copytree(ckdir / "3", ckdir / "5")
+        if damage == "bytes":
+            target = max((p for p in (ckdir / "5" / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+            data = bytearray(target.read_bytes())
+            data[len(data) // 2: len(data) // 2 + 16] = os.urandom(16)
+            target.write_bytes(bytes(data))
+        elif damage == "spec":
+            target = ckdir / "5" / "spec" / "metadata"
+            target.write_text(target.read_text()[:40])
+        else:
+            target = ckdir / "5" / "checksums.json"
+            target.write_text("{")
+        ckpt = Checkpointer(ckdir, keep=3)
+        step, state, _ = ckpt.restore_latest(run.abstract_state())
+        ckpt.close()
+        assert step == 3 and int(state["step"]) == 3, damage
+        out = capsys.readouterr().out
+        assert f"checkpoint {ckdir / '5'} is damaged ({target}" in out, (damage, out)
+        assert not (ckdir / "5").exists()
+        shutil.rmtree(next(ckdir.glob("5.damaged*")))
     pretrain(tiny_run_config(tiny_dataset, run_dir, "train.steps=6", "checkpoint.every=3", "checkpoint.keep=3"),
              progress=False)
     assert sorted(int(p.name) for p in ckdir.iterdir() if p.name.isdigit()) == [3, 6]
@@ -237,6 +260,7 @@ def test_damaged_latest_checkpoint_is_skipped_and_incompatible_config_refused(ti
     spec = json.loads(meta.read_text())
     del spec["param_layout"]
     meta.write_text(json.dumps(spec))
+    (ckdir / "6" / "checksums.json").unlink()            # 0.1 wrote none
     with pytest.raises(CheckpointError, match="morpheus-jax 0.1"):
         pretrain(tiny_run_config(tiny_dataset, run_dir, "train.steps=8"), progress=False)
     assert (ckdir / "6" / "state").is_dir()

@@ -142,9 +142,9 @@ def _describe(run: Run, folder: RunFolder, flops_info: dict, param_info: dict) -
 def pretrain(cfg: Config, *, progress: bool = True) -> dict:
     """Train (or resume) the run in ``cfg.run_dir``; returns the final report."""
     shd.mesh_shape(cfg.mesh, jax.device_count())     # a bad mesh fails before any data work
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     ensure_dataset(cfg)
-    run = build_run(cfg)
+    run = build_run(cfg)                              # dataset against config: before the run folder exists
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     gbs = cfg.train.global_batch_size
     ckpt = Checkpointer(checkpoint_dir(cfg.run_dir), keep=cfg.checkpoint.keep, keep_best=cfg.checkpoint.keep_best)
     ds = pipeline.train_dataset(run.root, "pretrain", global_batch=gbs, num_patches=cfg.data.num_patches,
@@ -168,14 +168,19 @@ def pretrain(cfg: Config, *, progress: bool = True) -> dict:
         best = {"val_loss": eval_row["val_loss"]} if eval_row and "val_loss" in eval_row else None
         ckpt.save(step, state, data_iter, spec, best)
 
+    def on_row(row):
+        ckpt.seal_finished()            # checksums of the saves finished since (no waiting)
+        folder.record(row)
+
     trainer = Trainer(
         run.compile_step(), run.steps, gbs, to_device=lambda host: shd.host_to_global(
             batch_contract.select(host), run.mesh, run.rules),
         log_every=cfg.train.log_every, eval_every=cfg.train.eval_every,
-        evaluate=lambda state: evaluator.loss(state["params"]), on_row=folder.record,
+        evaluate=lambda state: evaluator.loss(state["params"]), on_row=on_row,
         extra_row=lambda row: scaling_flops.throughput(flops_info, row["samples_per_s"], jax.device_count(),
                                                        device_kind, cfg.model.compute_dtype),
         checkpoint_every=cfg.checkpoint.every, save=save, preemption_every=cfg.checkpoint.preemption_check_every,
+        max_skipped_in_a_row=cfg.train.max_skipped_in_a_row,
         progress=progress, desc="pretrain")
     try:
         result = trainer.run(state, data_iter, start, last_eval)

@@ -18,7 +18,7 @@ from typing import Mapping
 import numpy as np
 
 from morpheus_jax.ckpt import legacy
-from morpheus_jax.ckpt.store import Checkpointer, read_spec, restore_params
+from morpheus_jax.ckpt.store import Checkpointer, check_step, read_spec, restore_params
 from morpheus_jax.core.config import Config, from_dict
 from morpheus_jax.core.errors import CheckpointNotFound, OutputExists
 from morpheus_jax.core.spec import BUCKETED_LAYOUT, CANONICAL_LAYOUT, GroupLayout, ModelSpec
@@ -72,6 +72,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Parameters and spec of a checkpoint (no optimizer state is read); checkpoints in the
     bucketed layout of morpheus-jax 0.1 are converted on the way (`legacy`)."""
     step_dir = resolve_step_dir(path)
+    check_step(step_dir)
     spec = read_spec(step_dir)
     cfg = from_dict(spec.config)
     layouts = spec.layouts(cfg.model.modalities, cfg.model.group_buckets)

@@ -7,10 +7,18 @@ the model without the dataset). Saves are asynchronous; Orbax writes each checkp
 under a temporary name and renames it when complete, so a save killed midway leaves no
 checkpoint. The latest ``keep`` checkpoints are kept, and the ``keep_best`` with the
 lowest validation loss among those saved at evaluation steps.
+
+Integrity: once Orbax has finalised a step, ``<step>/checksums.json`` records the size and
+SHA-256 of every file in it (`seal`). Everything that reads a checkpoint verifies it first
+(`verify_step`): resuming sets a damaged step aside and takes the previous one; export,
+fine-tuning and `morpheus_jax.load` refuse it with one line naming the damaged file. A step
+without checksums (written by morpheus-jax ≤ 0.2, or finalised moments before a kill) is
+read unverified.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -23,12 +31,59 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from morpheus_jax.core import log
+from morpheus_jax.core.atomic import write_json
 from morpheus_jax.core.errors import CheckpointError, CheckpointNotFound
 from morpheus_jax.core.spec import ModelSpec
 
 
+CHECKSUMS = "checksums.json"
+
+
 def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir).resolve() / "checkpoints"
+
+
+def _file_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def seal(step_dir: str | Path) -> None:
+    """Write ``checksums.json``: size and SHA-256 of every file of a finalised step."""
+    step_dir = Path(step_dir)
+    files = {str(p.relative_to(step_dir)): [p.stat().st_size, _file_digest(p)]
+             for p in sorted(step_dir.rglob("*")) if p.is_file() and p.name != CHECKSUMS}
+    write_json(step_dir / CHECKSUMS, {"algorithm": "sha256", "files": files})
+
+
+def verify_step(step_dir: str | Path) -> str | None:
+    """What is damaged in a checkpoint step (a missing, truncated or altered file, naming it),
+    or None when it verifies or has no checksums to verify against."""
+    step_dir = Path(step_dir)
+    path = step_dir / CHECKSUMS
+    if not path.exists():
+        return None
+    try:
+        files = json.loads(path.read_text())["files"]
+        items = [(name, int(size), str(digest)) for name, (size, digest) in files.items()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{path}: unreadable ({type(e).__name__})"
+    for name, size, digest in items:
+        p = step_dir / name
+        if not p.is_file():
+            return f"{p}: missing"
+        if p.stat().st_size != size:
+            return f"{p}: {p.stat().st_size} bytes, {size} when saved (truncated or overwritten)"
+        if _file_digest(p) != digest:
+            return f"{p}: checksum mismatch (the file changed after it was saved)"
+    return None
+
+
+def check_step(step_dir: str | Path) -> None:
+    """`verify_step`, raising `CheckpointError` naming the damaged file."""
+    problem = verify_step(step_dir)
+    if problem:
+        raise CheckpointError(f"{problem}; the checkpoint {step_dir} is damaged (use an earlier step)")
 
 
 class Checkpointer:
@@ -41,6 +96,7 @@ class Checkpointer:
         ])
         options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=async_save,
                                                preservation_policy=policy)
+        self._unsealed: list[int] = []
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(),
@@ -54,7 +110,24 @@ class Checkpointer:
         items = {"state": ocp.args.StandardSave(state), "spec": ocp.args.JsonSave(spec.to_json())}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
-        return self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+        self.manager.wait_until_finished()      # Orbax would wait here too: one save in flight at a time
+        self.seal_finished()
+        saved = self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+        if saved:
+            self._unsealed.append(step)
+        return saved
+
+    def seal_finished(self) -> None:
+        """Write the checksums of the steps whose (asynchronous) save has finished (process 0)."""
+        if not self._unsealed or self.manager.is_saving_in_progress():
+            return
+        steps, self._unsealed = self._unsealed, []
+        if jax.process_index() != 0:
+            return
+        for step in steps:
+            step_dir = self.directory / str(step)
+            if step_dir.is_dir():               # not already removed by the preservation policy
+                seal(step_dir)
 
     def restore(self, step: int, abstract_state: dict, data_iter=None) -> tuple[dict, bool]:
         """(state, whether the data iterator was restored). The iterator state is per process:
@@ -70,41 +143,55 @@ class Checkpointer:
     def _data_path(self, step: int) -> Path:
         return self.directory / str(step) / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
 
-    def _data_problem(self, step: int) -> str | None:
-        """Why this process's data-iterator state in ``step`` is unreadable, if it is."""
-        path = self._data_path(step)
+    def _problem(self, step: int, data_iter) -> str | None:
+        """Why ``step`` cannot be resumed from as it is on disk (a damaged file, named), if so."""
+        step_dir = self.directory / str(step)
+        problem = verify_step(step_dir)
+        if problem:
+            return problem
         try:
-            if path.exists():
+            read_spec(step_dir)
+        except CheckpointError as e:
+            return str(e)
+        path = self._data_path(step)
+        if data_iter is not None and path.exists():
+            try:
                 json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            return f"{path.name}: {type(e).__name__}"
+            except (OSError, ValueError) as e:
+                return f"{path}: {type(e).__name__}"
         return None
 
     def restore_latest(self, abstract_state: dict, data_iter=None, check=None) -> tuple[int, dict, bool] | None:
-        """The newest checkpoint that restores; unreadable or corrupted ones are skipped with
-        a warning. ``check(step_dir)`` may raise to refuse a checkpoint outright (an
-        incompatible config). Returns (step, state, data restored) or None.
+        """The newest checkpoint that verifies and restores; damaged ones (a file that fails its
+        checksum, an unreadable spec or data-iterator state) are set aside with a warning.
+        ``check(step_dir)`` may raise to refuse a checkpoint outright (an incompatible config).
+        Returns (step, state, data restored) or None.
 
         In a multi-process job each process has its own data-iterator state file, so one
         may be damaged where the others are not: the processes first agree that every one
-        of them can read its file, or they would resume from different steps. (Orbax's
+        of them can read its step, or they would resume from different steps. (Orbax's
         restore of the arrays is itself collective: a failure there is everyone's.)
         Skipped checkpoints are renamed ``<step>.damaged`` (kept for inspection), so the
-        run can save those steps again."""
+        run can save those steps again. A step that passes its checksums but does not
+        restore is not damaged: that is an error (the run's state has another structure)."""
         for step in reversed(self.steps()):
             step_dir = self.directory / str(step)
-            if check is not None:
-                check(step_dir)
-            problem = self._data_problem(step) if data_iter is not None else None
+            problem = self._problem(step, data_iter)
             failed = _failed_processes(problem is not None)
             if failed:
                 self._set_aside(step, problem or f"unreadable in process(es) {', '.join(map(str, failed))}")
                 continue
+            if check is not None:
+                check(step_dir)
+            verified = (step_dir / CHECKSUMS).exists()
             try:
                 state, data_ok = self.restore(step, abstract_state, data_iter)
-            except Exception as e:  # noqa: BLE001 — any failure to read means "not a good checkpoint"
-                log.warning(f"checkpoint {step_dir} does not restore ({type(e).__name__}: {str(e)[:300]})")
-                self._set_aside(step, type(e).__name__)
+            except Exception as e:  # noqa: BLE001 — unverified: any failure to read means "damaged"
+                if verified:
+                    raise CheckpointError(f"{step_dir}: its files verify but it does not restore into this run's "
+                                          f"state ({type(e).__name__}: {str(e).splitlines()[0][:200]}); was it "
+                                          "written with another optimizer or train config?") from e
+                self._set_aside(step, f"{type(e).__name__}: {str(e)[:200]}")
                 continue
             return step, state, data_ok
         return None
@@ -113,7 +200,7 @@ class Checkpointer:
         """Warn, rename ``<step>`` to ``<step>.damaged`` (process 0; every process calls
         this for the same steps) and drop it from the manager's step list."""
         src = self.directory / str(step)
-        log.warning(f"checkpoint {src} is incomplete or corrupted ({why}); trying the previous one")
+        log.warning(f"checkpoint {src} is damaged ({why}); setting it aside and trying the previous one")
         if jax.process_index() == 0:
             dst, n = src.with_name(f"{step}.damaged"), 0
             while dst.exists():
@@ -127,9 +214,10 @@ class Checkpointer:
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
+        self.seal_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
 
 

@@ -20,6 +20,10 @@ def cmd_synth(args) -> int:
 
 def cmd_prepare(args) -> int:
     from morpheus_jax.data.prepare import PrepareOptions, RawCohort, prepare, summary  # lazy: start-up time
+    opts = PrepareOptions(records_per_shard=args.records_per_shard, patch_dtype=args.patch_dtype, workers=args.workers,
+                          chunk_rows=args.chunk_rows, wsi_dim=args.wsi_dim, seed=args.seed, strict=args.strict,
+                          allow_missing_modalities=args.allow_missing_modalities, overwrite=args.overwrite,
+                          max_skipped=args.max_skipped)
     if args.raw:
         cohort = RawCohort.from_dir(args.raw)
     else:
@@ -30,9 +34,6 @@ def cmd_prepare(args) -> int:
             raise ConfigError(f"give --raw DIR or all of {', '.join(missing)}")
         cohort = RawCohort(Path(args.metadata), Path(args.features_dir), modality_paths(args.omics, "--omics"),
                            modality_paths(args.mapping, "--mapping"))
-    opts = PrepareOptions(records_per_shard=args.records_per_shard, patch_dtype=args.patch_dtype, workers=args.workers,
-                          chunk_rows=args.chunk_rows, wsi_dim=args.wsi_dim, seed=args.seed, strict=args.strict,
-                          allow_missing_modalities=args.allow_missing_modalities, overwrite=args.overwrite)
     manifest = prepare(cohort, args.out, opts)
     print(summary(manifest))
     print(f"wrote {args.out} in {manifest.seconds} s")
@@ -42,14 +43,15 @@ def cmd_prepare(args) -> int:
 def cmd_inspect(args) -> int:
     from morpheus_jax.data import records  # lazy: start-up time
     from morpheus_jax.data.prepare import summary  # lazy: start-up time
-    manifest = records.load_manifest(args.dataset)
+    manifest = records.load_manifest(args.dataset, check_files=False)
     print(summary(manifest))
+    problems = (records.file_problems(args.dataset, manifest) if args.no_verify
+                else records.verify_dataset(args.dataset, manifest))
+    for p in problems:
+        print(f"morpheus inspect: {p}", file=sys.stderr)
+    if problems:
+        return 1
     if not args.no_verify:
-        problems = records.verify_dataset(args.dataset, manifest)
-        if problems:
-            for p in problems:
-                print(f"morpheus inspect: {p}", file=sys.stderr)
-            return 1
         print(f"checksums: {len(manifest.shards)} shards verified")
     return 0
 
@@ -88,6 +90,9 @@ def register(sub) -> None:
     s.add_argument("--strict", action="store_true", help="a patient lacking a modality or a slide is an error")
     s.add_argument("--allow-missing-modalities", action="store_true",
                    help="keep patients with at least one omics modality (missing ones are always masked)")
+    s.add_argument("--max-skipped", type=float, default=0.5, metavar="FRACTION",
+                   help="fail when more than this fraction of the metadata's patients would be skipped (no slide, "
+                        "no split, missing omics); default 0.5")
     s.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset at --out")
     s.set_defaults(fn=cmd_prepare)
 

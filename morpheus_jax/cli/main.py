@@ -33,8 +33,21 @@ def command_name(args) -> str:
     return " ".join(parts)
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Flags and ``key=value`` overrides in any order: argparse stops collecting a ``nargs="*"``
+    positional at the first flag, so overrides after a flag come back unrecognised and are
+    appended (in order, later ones still win)."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        if not hasattr(args, "overrides") or any(r.startswith("-") for r in rest):
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        args.overrides = list(args.overrides or []) + rest
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     name = command_name(args)
     try:
         code = args.fn(args)

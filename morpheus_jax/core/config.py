@@ -115,6 +115,11 @@ class TrainConfig:
     warmup_epochs: int = 10
     cosine_period_epochs: int = 500
     grad_clip_norm: float | None = None
+    # A step with a non-finite loss or gradient norm: "stop" the run there (naming the step;
+    # the last checkpoint is the one before), or "skip" its update and go on (the run stops
+    # after train.max_skipped_in_a_row such steps in a row).
+    nonfinite: str = "stop"
+    max_skipped_in_a_row: int = 20
     log_every: int = 10
     eval_every: int = 200
 
@@ -321,6 +326,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"masking.ratio must be in [0, 1), got {cfg.masking.ratio}")
     if cfg.train.schedule not in ("cosine", "paper"):
         raise ConfigError(f"train.schedule must be 'cosine' or 'paper', got {cfg.train.schedule!r}")
+    if cfg.train.nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"train.nonfinite must be 'stop' or 'skip', got {cfg.train.nonfinite!r}")
     if cfg.train.mu_dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"train.mu_dtype must be float32 or bfloat16, got {cfg.train.mu_dtype!r}")
     if m.compute_dtype not in ("float32", "bfloat16"):
@@ -357,7 +364,7 @@ _LOWER_BOUNDS = {
     "model.decoder_layers": 0, "model.decoder_heads": 1, "model.decoder_mlp_dim": 1, "model.layer_norm_eps": 0.0,
     "train.epochs": 1, "train.weight_decay": 0.0, "train.b1": 0.0, "train.b2": 0.0, "train.warmup_steps": 0,
     "train.decay_steps": 1, "train.end_lr_factor": 0.0, "train.warmup_epochs": 0, "train.cosine_period_epochs": 1,
-    "train.grad_clip_norm": 0.0, "train.log_every": 1, "train.eval_every": 0,
+    "train.grad_clip_norm": 0.0, "train.max_skipped_in_a_row": 1, "train.log_every": 1, "train.eval_every": 0,
     "checkpoint.every": 0, "checkpoint.keep": 1, "checkpoint.keep_best": 0, "checkpoint.preemption_check_every": 1,
 }
 

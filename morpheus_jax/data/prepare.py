@@ -59,6 +59,7 @@ from morpheus_jax.data.raw import (
 __all__ = ["PrepareError", "PrepareOptions", "RawCohort", "canonical_features", "prepare", "summary"]
 
 SCRATCH = ".prepare"
+PATCH_DTYPES = ("float16", "bfloat16", "float32")
 
 
 @dataclasses.dataclass
@@ -73,6 +74,18 @@ class PrepareOptions:
     allow_missing_modalities: bool = False
     overwrite: bool = False
     progress: bool = True
+    max_skipped: float = 0.5           # the largest fraction of metadata rows that may be skipped
+
+    def __post_init__(self):
+        """Checked before anything is read or written; named by their ``prepare`` flags."""
+        for flag, value in (("--records-per-shard", self.records_per_shard), ("--chunk-rows", self.chunk_rows),
+                            ("--wsi-dim", self.wsi_dim), ("--workers", self.workers)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise PrepareError(f"{flag} must be a positive integer, got {value!r}")
+        if self.patch_dtype not in PATCH_DTYPES:
+            raise PrepareError(f"--patch-dtype must be one of {', '.join(PATCH_DTYPES)}, got {self.patch_dtype!r}")
+        if not 0.0 <= float(self.max_skipped) <= 1.0:
+            raise PrepareError(f"--max-skipped must be a fraction in [0, 1], got {self.max_skipped!r}")
 
 
 @dataclasses.dataclass
@@ -139,6 +152,28 @@ def _explain_id_mismatch(meta: pd.DataFrame, tables: dict[str, OmicsTable], meta
                 other = keys[_id_key(sid)]
                 raise PrepareError(f"{metadata_path}: submitter_id {sid!r} appears in the {m} CSV as {other!r} "
                                    f"(whitespace, case or leading zeros differ); ids must match exactly")
+
+
+def _check_kept(meta: pd.DataFrame, tables: dict[str, OmicsTable], keep: list[dict], skipped: dict[str, int],
+                metadata_path: Path, opts: PrepareOptions) -> None:
+    """A prepare that would leave a split empty, or skip more than ``max_skipped`` of the
+    metadata's patients, fails with the reasons counted and where the patients went missing."""
+    listed = {s: int((meta["split"] == s).sum()) for s in SPLITS}
+    empty = [s for s in SPLITS if listed[s] and not any(r["split"] == s for r in keep)]
+    n_skipped = sum(skipped.values())
+    if not (empty or not keep or n_skipped > opts.max_skipped * len(meta)):
+        return
+    reasons = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in skipped.items() if n) or "none"
+    ids = [str(x) for x in meta["submitter_id"]]
+    where = [f"the {m} CSV lacks {len(absent)} of the {len(ids)} ids (e.g. {absent[0]!r})"
+             for m, t in tables.items() for absent in [[x for x in ids if x not in t.rows]] if absent]
+    if any(x != x.strip() for x in ids):
+        where.append("some submitter_ids have surrounding whitespace")
+    what = (f"no patient of split {', '.join(empty) or 'any'} is left" if empty or not keep else
+            f"{n_skipped} of {len(meta)} patients would be skipped (more than --max-skipped {opts.max_skipped:g})")
+    raise PrepareError(f"{metadata_path}: {what} (skipped: {reasons}{'; ' if where else ''}{'; '.join(where)}); "
+                       "check that submitter_id matches the omics CSVs' index exactly and every patient has slides "
+                       "and a split (or pass --allow-missing-modalities, or --max-skipped 1 to accept)")
 
 
 def _check_slides(keep: list[dict], features_dir: Path, opts: PrepareOptions) -> None:
@@ -345,6 +380,27 @@ def _work_dir(out: Path, cohort: RawCohort, opts: PrepareOptions) -> Path:
     return out.with_name(f".{out.name}.preparing")
 
 
+def _clean_failed(out: Path, fresh: bool) -> None:
+    """After a failed or interrupted run: keep only what a rerun resumes (completed shards and
+    their markers); no half-written ``.tmp`` arrays, scratch tables or empty folders. A folder
+    this run created with nothing worth resuming is removed entirely."""
+    if not out.is_dir():
+        return
+    if fresh and not any((out / SCRATCH / "shards").glob("*.json")):
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for folder in ("records", "patches"):
+        for tmp in (out / folder).glob("*.tmp"):
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+    for table in (out / SCRATCH).glob("omics-*.f32"):
+        table.unlink()
+    for folder in ("records", "patches", SCRATCH):
+        try:
+            (out / folder).rmdir()                   # only if empty
+        except OSError:
+            pass
+
+
 def _swap_in(work: Path, out: Path) -> None:
     """Replace the dataset at ``out`` by the complete one at ``work`` (two renames)."""
     old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
@@ -364,9 +420,8 @@ def prepare(cohort: RawCohort, out: str | os.PathLike, opts: PrepareOptions | No
     fresh = not out.exists()
     try:
         manifest = _prepare(cohort, out, opts, t0)
-    except PrepareError:
-        if fresh and not any((out / SCRATCH / "shards").glob("*.json")):
-            shutil.rmtree(out, ignore_errors=True)       # nothing worth resuming: leave nothing behind
+    except BaseException:
+        _clean_failed(out, fresh)
         raise
     if out != final:
         _swap_in(out, final)
@@ -383,21 +438,13 @@ def _prepare(cohort: RawCohort, out: Path, opts: PrepareOptions, t0: float) -> M
             raise PrepareError(f"modality {m!r} has an omics CSV but no --mapping {m}=JSON")
     if not cohort.features_dir.is_dir():
         raise PrepareError(f"{cohort.features_dir}: features folder does not exist")
-    if opts.patch_dtype not in ("float16", "bfloat16", "float32"):
-        raise PrepareError(f"patch dtype must be float16, bfloat16 or float32, got {opts.patch_dtype!r}")
     modalities = [m for m in MODALITIES if m in cohort.omics]
     groups = {m: read_mapping(cohort.mappings[m]) for m in modalities}
     meta = read_metadata(cohort.metadata)
     scratch = out / SCRATCH
     tables = {m: stream_omics(cohort.omics[m], m, groups[m], scratch / f"omics-{m}.f32") for m in modalities}
     keep, skipped = _select(meta, tables, cohort.metadata, opts)
-    listed = {s: int((meta["split"] == s).sum()) for s in SPLITS}
-    empty = [s for s in SPLITS if listed[s] and not any(r["split"] == s for r in keep)]
-    if empty or not keep:
-        reasons = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in skipped.items() if n) or "none"
-        raise PrepareError(f"{cohort.metadata}: no patient of split {', '.join(empty) or 'any'} is left "
-                           f"(skipped: {reasons}); check that submitter_id matches the omics CSVs' index and "
-                           "every patient has slides (or pass --allow-missing-modalities)")
+    _check_kept(meta, tables, keep, skipped, cohort.metadata, opts)
     meta_cols = [c for c in meta.columns if c not in RESERVED]
     _check_slides(keep, cohort.features_dir, opts)
 
@@ -434,12 +481,17 @@ def _prepare(cohort: RawCohort, out: Path, opts: PrepareOptions, t0: float) -> M
             ctx = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(max_workers=opts.workers, mp_context=ctx) as pool:
                 futures = {pool.submit(write_shard, t): t for t in pending}
-                while futures:
-                    finished, _ = wait(futures, return_when=FIRST_COMPLETED)
-                    for fut in finished:
-                        task = futures.pop(fut)
-                        entries[(task.split, task.shard)] = fut.result()
-                        bar.update(len(task.patients))
+                try:
+                    while futures:
+                        finished, _ = wait(futures, return_when=FIRST_COMPLETED)
+                        for fut in finished:
+                            task = futures.pop(fut)
+                            entries[(task.split, task.shard)] = fut.result()
+                            bar.update(len(task.patients))
+                except BaseException:
+                    for fut in futures:                  # shards not started yet are not written
+                        fut.cancel()
+                    raise
         else:
             for task in pending:
                 entries[(task.split, task.shard)] = write_shard(task)

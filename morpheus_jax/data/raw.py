@@ -12,6 +12,7 @@ per-gene centre); ``dnam`` missing → 0; ``cnv`` missing → 2 then ``log10(cn 
 from __future__ import annotations
 
 import ast
+import csv
 import dataclasses
 import json
 import os
@@ -61,11 +62,23 @@ def canonical_features(groups: dict[str, list[str]]) -> list[str]:
     return list(seen)
 
 
+def _unique_keys(path: Path):
+    """A JSON object hook that refuses a key written twice (json keeps the last silently)."""
+    def hook(pairs):
+        seen = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise PrepareError(f"{path}: duplicate key {k!r} in the mapping JSON")
+            seen.add(k)
+        return dict(pairs)
+    return hook
+
+
 def read_mapping(path: Path) -> dict[str, list[str]]:
     try:
         with open(path) as f:
-            groups = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+            groups = json.load(f, object_pairs_hook=_unique_keys(path))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PrepareError(f"{path}: cannot read mapping JSON ({e})") from None
     if not isinstance(groups, dict) or not groups:
         raise PrepareError(f"{path}: expected a non-empty JSON object {{group: [feature names]}}")
@@ -82,11 +95,16 @@ def read_metadata(path: Path) -> pd.DataFrame:
     try:
         meta = pd.read_csv(path, dtype={"submitter_id": str, "project_id": str, "split": str, "WSI": str},
                            keep_default_na=False, na_values=[""])
+    except pd.errors.EmptyDataError:
+        raise PrepareError(f"{path}: the metadata CSV is empty (expected a header with submitter_id, split, WSI "
+                           "and one row per patient)") from None
     except (OSError, pd.errors.ParserError, UnicodeDecodeError) as e:
         raise PrepareError(f"{path}: cannot read metadata CSV ({e})") from None
     for col in ("submitter_id", "split", "WSI"):
         if col not in meta.columns:
             raise PrepareError(f"{path}: missing column {col!r} (has {list(meta.columns)[:10]})")
+    if meta.empty:
+        raise PrepareError(f"{path}: the metadata CSV has a header but no patients (one row per patient expected)")
     if meta["submitter_id"].isna().any():
         raise PrepareError(f"{path}: column 'submitter_id' is empty in row {int(meta['submitter_id'].isna().idxmax()) + 2}")
     dup = meta["submitter_id"][meta["submitter_id"].duplicated()]
@@ -112,8 +130,25 @@ def read_metadata(path: Path) -> pd.DataFrame:
             raise PrepareError(f"{path}: row {i + 2} column 'WSI': expected a list of slide files like "
                                f"['a.h5'], got {str(raw)[:60]!r}")
         slides.append(list(value))
+    _check_slide_names(path, meta["submitter_id"].tolist(), slides)
     meta["WSI"] = slides
     return meta
+
+
+def _check_slide_names(path: Path, ids: list[str], slides: list[list[str]]) -> None:
+    """Slide paths stay inside the features folder (relative, no ``..`` out of it: checked on
+    the text, so a features folder of symlinks is fine) and each slide belongs to one patient once."""
+    owner: dict[str, str] = {}
+    for sid, names in zip(ids, slides):
+        for name in names:
+            norm = os.path.normpath(name)
+            if os.path.isabs(name) or norm == ".." or norm.startswith(".." + os.sep):
+                raise PrepareError(f"{path}: patient {sid!r} column 'WSI': slide path {name!r} leaves the features "
+                                   "folder (paths are relative to --features-dir)")
+            if norm in owner:
+                who = "twice for patient" if owner[norm] == sid else f"for patients {owner[norm]!r} and"
+                raise PrepareError(f"{path}: column 'WSI': slide {name!r} is listed {who} {sid!r}")
+            owner[norm] = sid
 
 
 @dataclasses.dataclass
@@ -181,6 +216,7 @@ def stream_omics(path: Path, modality: str, groups: dict[str, list[str]], out: P
         raise PrepareError(f"{path}: cannot read omics CSV ({e})") from None
     if header.empty:
         raise PrepareError(f"{path}: the omics CSV has a header but no rows (one row per submitter_id expected)")
+    _check_unique_columns(path)
     absent = [f for f in features if f not in header.columns]
     if absent:
         raise PrepareError(f"{path}: {len(absent)} mapping features absent from the CSV columns, e.g. {absent[:5]}")
@@ -215,6 +251,17 @@ def stream_omics(path: Path, modality: str, groups: dict[str, list[str]], out: P
 _NA_TOKENS = sorted(STR_NA_VALUES)
 
 
+def _check_unique_columns(path: Path) -> None:
+    """pandas renames a repeated column ``x`` to ``x.1``: which of the two is meant is ambiguous."""
+    with open(path, newline="") as f:
+        names = next(csv.reader(f), [])[1:]
+    seen = set()
+    for name in names:
+        if name in seen:
+            raise PrepareError(f"{path}: column {name!r} appears twice in the header")
+        seen.add(name)
+
+
 def slide_shape(path: Path) -> tuple[int, int]:
     """(N, D) of a slide's ``features`` without reading it."""
     if not path.exists():
@@ -223,13 +270,20 @@ def slide_shape(path: Path) -> tuple[int, int]:
         with h5py.File(path, "r") as f:
             if "features" not in f:
                 raise PrepareError(f"{path}: no dataset 'features' (has {list(f.keys())[:5]})")
-            shape = f["features"].shape
+            data = f["features"]
+            if not isinstance(data, h5py.Dataset) or not np.issubdtype(data.dtype, np.number):
+                what = "a group" if isinstance(data, h5py.Group) else f"of dtype {data.dtype}"
+                raise PrepareError(f"{path}: 'features' is {what}, expected a numeric dataset [1, N, D] or [N, D]")
+            shape = data.shape
     except OSError as e:
         raise PrepareError(f"{path}: unreadable HDF5 ({e})") from None
     if len(shape) == 3 and shape[0] == 1:
         shape = shape[1:]
     if len(shape) != 2:
         raise PrepareError(f"{path}: dataset 'features' has shape {shape}, expected [1, N, D] or [N, D]")
+    if shape[0] == 0:
+        raise PrepareError(f"{path}: dataset 'features' has no patches (shape {shape}); remove the slide from "
+                           "column 'WSI'")
     return int(shape[0]), int(shape[1])
 
 

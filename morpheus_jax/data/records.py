@@ -117,8 +117,9 @@ def zarr_spec(path: Path, rows: int | None = None, dim: int | None = None, dtype
     return spec
 
 
-def load_manifest(root: str | os.PathLike) -> Manifest:
-    """The dataset's `Manifest`, checked (a missing, unreadable or ill-formed one is a `DatasetError`)."""
+def load_manifest(root: str | os.PathLike, check_files: bool = True) -> Manifest:
+    """The dataset's `Manifest`, checked (a missing, unreadable or ill-formed one is a `DatasetError`);
+    with ``check_files`` its shard files are checked too (`file_problems`: sizes only, cheap)."""
     root = Path(root)
     path = root / MANIFEST
     if not root.exists():
@@ -132,20 +133,53 @@ def load_manifest(root: str | os.PathLike) -> Manifest:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DatasetError(f"{path}: unreadable or not valid JSON ({e}); "
                            "rerun `morpheus prepare --overwrite`") from None
-    return Manifest.from_json(manifest, str(path))
+    manifest = Manifest.from_json(manifest, str(path))
+    if check_files:
+        problems = file_problems(root, manifest)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise DatasetError(f"{problems[0]}{more}; the dataset {root} is damaged (`morpheus inspect` lists what, "
+                               "`morpheus prepare --overwrite` rewrites it)")
+    return manifest
+
+
+def file_problems(root: str | os.PathLike, manifest: Manifest) -> list[str]:
+    """Shard files that are missing or have the wrong size (a stat per file, no reading): the
+    record files' sizes are in the manifest; every zarr chunk file of a patch array has the size
+    of a full chunk. (Only `verify_dataset`'s checksums tell a missing chunk from an all-zero one.)"""
+    root, p = Path(root), manifest.patches
+    chunk_bytes = p.chunk_rows * p.dim * patch_numpy_dtype(p.dtype).itemsize
+    problems = []
+    for entry in manifest.shards:
+        records, patches = root / entry["records"]["path"], root / entry["patches"]["path"]
+        if not records.is_file():
+            problems.append(f"{records}: missing")
+        elif "bytes" in entry["records"] and records.stat().st_size != entry["records"]["bytes"]:
+            problems.append(f"{records}: {records.stat().st_size} bytes, the manifest says "
+                            f"{entry['records']['bytes']} (truncated or replaced)")
+        if not (patches / "zarr.json").is_file():
+            problems.append(f"{patches}: missing or not a zarr array (no zarr.json)")
+            continue
+        chunks = [f for f in patches.rglob("*") if f.is_file() and f.name != "zarr.json"]
+        expected = -(-max(entry["num_patches"], 1) // p.chunk_rows)
+        wrong = [f for f in chunks if f.stat().st_size != chunk_bytes]
+        if len(chunks) > expected:     # fewer is possible: TensorStore skips all-zero chunks
+            problems.append(f"{patches}: {len(chunks)} chunk files, at most {expected} expected")
+        elif wrong:
+            problems.append(f"{wrong[0]}: {wrong[0].stat().st_size} bytes, a chunk has {chunk_bytes} (truncated)")
+    return problems
 
 
 def verify_dataset(root: str | os.PathLike, manifest: Manifest | None = None) -> list[str]:
     """Problems found checking every shard against the manifest (empty list = valid)."""
     root = Path(root)
     manifest = manifest or load_manifest(root)
-    problems = []
+    problems = file_problems(root, manifest)
     for entry in manifest.shards:
         for kind, checker in (("records", sha256_file), ("patches", sha256_tree)):
             rel = entry[kind]["path"]
             path = root / rel
-            if not path.exists():
-                problems.append(f"{path}: missing")
+            if not path.exists() or any(x.startswith(f"{path}") for x in problems):
                 continue
             if checker(path) != entry[kind]["sha256"]:
                 problems.append(f"{path}: checksum mismatch")

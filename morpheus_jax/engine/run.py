@@ -78,7 +78,8 @@ class Run:
     def compile_step(self):
         """The train step, jitted with explicit shardings and donated state, compiled ahead
         of time; its memory analysis is logged."""
-        step = make_train_step(self.codec, self.tx, self.schedule, self.layouts, self.cfg.masking.ratio)
+        step = make_train_step(self.codec, self.tx, self.schedule, self.layouts, self.cfg.masking.ratio,
+                               skip_nonfinite=self.cfg.train.nonfinite == "skip")
 
         def traced(state, batch):
             with shd.activation_sharding(self.mesh, self.rules):
@@ -105,6 +106,9 @@ def build_run(cfg: Config) -> Run:
     if manifest.allow_missing_modalities and not cfg.data.allow_missing_modalities:
         raise ConfigError(f"{root} was prepared with --allow-missing-modalities (some patients lack omics); "
                           "set data.allow_missing_modalities=true to train on it")
+    if manifest.patches.dim != cfg.model.wsi_dim:
+        raise ConfigError(f"model.wsi_dim={cfg.model.wsi_dim} but {root} holds {manifest.patches.dim}-dim patch "
+                          f"features (set model.wsi_dim={manifest.patches.dim})")
     layouts = manifest.layouts(cfg.model.modalities, cfg.model.group_buckets)
     num_train = pipeline.num_train_records(manifest, cfg.data.train_fraction)
     steps = st.total_steps(cfg, num_train)

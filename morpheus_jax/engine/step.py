@@ -51,18 +51,30 @@ class Objective:
         return sum(losses.values()), losses
 
 
-def make_update_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: Callable) -> Callable:
+def make_update_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: Callable,
+                     skip_nonfinite: bool = False) -> Callable:
     """``step(state, batch) → (state, metrics)``: gradients of ``loss_fn(params, batch, key) →
     (loss, {name: scalar})`` and one optax update, the key derived from ``(state.rng,
     state.step)``. Metrics: ``loss``, the named parts, ``lr``, ``grad_norm``. The one update
-    step of pretraining and fine-tuning."""
+    step of pretraining and fine-tuning.
+
+    ``skip_nonfinite`` (``train.nonfinite=skip``): a step whose loss or gradient norm is not
+    finite keeps the parameters and optimizer state as they were (the step counter, hence the
+    next keys and batch, still advance) and reports ``skipped`` = 1. The state's structure is
+    the same either way, so a run may resume with the other setting."""
 
     def step(state, batch):
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, key)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss, **parts, "lr": schedule(state["step"]), "grad_norm": optax.tree.norm(grads)}
+        grad_norm = optax.tree.norm(grads)
+        metrics = {"loss": loss, **parts, "lr": schedule(state["step"]), "grad_norm": grad_norm}
+        if skip_nonfinite:
+            ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            params, opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), (params, opt_state),
+                                             (state["params"], state["opt_state"]))
+            metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}
         return new_state, metrics
 
@@ -70,7 +82,7 @@ def make_update_step(loss_fn: Callable, tx: optax.GradientTransformation, schedu
 
 
 def make_train_step(codec: ParamCodec, tx: optax.GradientTransformation, schedule: Callable,
-                    layouts: dict[str, GroupLayout], ratio: float) -> Callable:
+                    layouts: dict[str, GroupLayout], ratio: float, skip_nonfinite: bool = False) -> Callable:
     """The pretraining step: masking, forward, the masked L1 objective (`Objective`)."""
     objective = Objective(layouts)
 
@@ -82,7 +94,7 @@ def make_train_step(codec: ParamCodec, tx: optax.GradientTransformation, schedul
         total, losses = objective.reduce(objective.parts(preds, batch["omics"], plan, batch["available"]))
         return total, {f"loss_{m}": v for m, v in losses.items()}
 
-    return make_update_step(loss_fn, tx, schedule)
+    return make_update_step(loss_fn, tx, schedule, skip_nonfinite)
 
 
 def make_head_step(codec: ParamCodec, tx: optax.GradientTransformation, schedule: Callable,

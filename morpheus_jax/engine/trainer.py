@@ -28,6 +28,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
+from morpheus_jax.core import log
 from morpheus_jax.core.errors import TrainingDiverged
 
 
@@ -65,16 +66,28 @@ class Preemption:
             signal.signal(sig, old)
 
 
-def _check_finite(step: int, pending: list) -> None:
+def _check_finite(step: int, pending: list, skipped_before: int, max_in_a_row: int) -> int:
     """A non-finite loss or gradient norm among the steps since the last check stops the run,
-    naming the first such step (the last checkpoint saved before it is kept)."""
-    values = jax.device_get([(m["loss"], m.get("grad_norm", 0.0)) for m in pending])
-    for i, (loss, grad_norm) in enumerate(values):
-        if not (np.isfinite(loss) and np.isfinite(grad_norm)):
-            first = step - len(pending) + 1 + i
-            raise TrainingDiverged(f"step {first}: the loss is {float(loss)} and the gradient norm {float(grad_norm)}; "
+    naming the first such step (the last checkpoint saved before it is kept). Steps whose
+    update was skipped (``train.nonfinite=skip``: metric ``skipped``) are counted instead and
+    stop the run only after ``max_in_a_row`` in a row. Returns the skipped steps in a row."""
+    values = jax.device_get([(m["loss"], m.get("grad_norm", 0.0), m.get("skipped", 0.0)) for m in pending])
+    in_a_row = skipped_before
+    for i, (loss, grad_norm, skipped) in enumerate(values):
+        at = step - len(pending) + 1 + i
+        in_a_row = in_a_row + 1 if skipped else 0
+        if skipped and in_a_row >= max_in_a_row:
+            raise TrainingDiverged(f"steps {at - in_a_row + 1}-{at}: {in_a_row} updates in a row skipped (non-finite "
+                                   "loss or gradient norm, train.nonfinite=skip); the run stopped, its checkpoints "
+                                   "hold no skipped update (lower train.learning_rate or set train.grad_clip_norm)")
+        if not skipped and not (np.isfinite(loss) and np.isfinite(grad_norm)):
+            raise TrainingDiverged(f"step {at}: the loss is {float(loss)} and the gradient norm {float(grad_norm)}; "
                                    "the run stopped there, its last checkpoint is the one before (lower "
-                                   "train.learning_rate or set train.grad_clip_norm)")
+                                   "train.learning_rate, set train.grad_clip_norm, or train.nonfinite=skip)")
+    if any(v[2] for v in values):
+        log.warning(f"step {step}: {int(sum(v[2] for v in values))} of the last {len(values)} updates skipped "
+                    "(non-finite loss or gradient norm)")
+    return in_a_row
 
 
 @dataclasses.dataclass
@@ -103,6 +116,7 @@ class Trainer:
     checkpoint_every: int = 0
     save: Callable | None = None
     preemption_every: int = 10
+    max_skipped_in_a_row: int = 20      # train.nonfinite=skip: skipped updates in a row that stop the run
     progress: bool = False
     desc: str = "train"
 
@@ -113,7 +127,7 @@ class Trainer:
         last_eval = dict(last_eval or {})
         bar = tqdm(total=self.steps, initial=start, desc=self.desc, unit="step", dynamic_ncols=True,
                    disable=not self.progress or jax.process_index() != 0)
-        pending, t_window, step, stopped = [], time.perf_counter(), start, None
+        pending, t_window, step, stopped, in_a_row, checked = [], time.perf_counter(), start, None, 0, 0
         with Preemption(self.preemption_every) as pre:
             while step < self.steps:
                 state, metrics = self.step_fn(state, self.to_device(next(batches)))
@@ -126,10 +140,10 @@ class Trainer:
                 is_eval = self.evaluate is not None and self._due(self.eval_every, step)
                 is_save = self.save is not None and (self._due(self.checkpoint_every, step) or step == self.steps)
                 stop = pre.poll(step, syncing=is_log or is_eval)
-                if is_save or stop:
-                    _check_finite(step, pending)       # never save a diverged state
+                if is_save or stop or is_log or is_eval:   # never save a diverged state
+                    in_a_row = _check_finite(step, pending[checked:], in_a_row, self.max_skipped_in_a_row)
+                    checked = len(pending)
                 if is_log or is_eval or stop:
-                    _check_finite(step, pending)
                     row = self._row(step, pending, t_window)
                     if is_eval:
                         last_eval = {"step": step, **self.evaluate(state)}
@@ -138,7 +152,7 @@ class Trainer:
                         self.on_row(row)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", samples_s=f"{row['samples_per_s']:.1f}",
                                     **({"val": f"{row['val_loss']:.4f}"} if "val_loss" in row else {}))
-                    pending, t_window = [], time.perf_counter()
+                    pending, checked, t_window = [], 0, time.perf_counter()
                 bar.update(1)
                 if is_save or (self.save is not None and stop):
                     self.save(step, state, last_eval if last_eval.get("step") == step else None)
