@@ -18,6 +18,7 @@ from morpheus_jax.ckpt.checkpoint import read_checkpoint
 from morpheus_jax.cli.main import build_parser
 from morpheus_jax.cli.main import main as cli_main
 from morpheus_jax.core.config import load_config
+from morpheus_jax.metrics import survival as surv
 
 DIM = 32
 FAST = ["--epochs", "6", "--lr", "2e-3", "--batch-size", "16", "--warmup-epochs", "1", "--cosine-period", "8"]
@@ -93,17 +94,33 @@ def test_parse_modalities_and_availability():
         ds.keep_available(recs[1:2], ds.Inputs(True, ("rna",)), lines.append)
 
 
-def test_folds_and_draws():
+def test_folds_and_draws_are_the_authors():
+    """Folds: scikit-learn's StratifiedKFold(shuffle, seed); few-shot draw i: pandas'
+    groupby(label).sample(n=k, random_state=seed + i) over the cohort in metadata order."""
+    from sklearn.model_selection import StratifiedKFold
+
+    from morpheus_jax.apps.finetune.survival import precomputed_folds
+
     y = np.array([0] * 13 + [1] * 7)
     folds = stratified_folds(y, 5, seed=1)
-    assert np.bincount(folds).tolist() == [4] * 5
-    assert all(np.sum(y[folds == f]) in (1, 2) for f in range(5))
-    assert (stratified_folds(y, 5, seed=1) == folds).all() and not (stratified_folds(y, 5, seed=2) == folds).all()
-    train, test = few_shot_draw(y, 2, 3, draw=0, seed=1)
-    assert np.bincount(y[train]).tolist() == [3, 3] and np.union1d(train, test).size == 20
-    assert not np.array_equal(train, few_shot_draw(y, 2, 3, draw=1, seed=1)[0])
+    for i, (_, test) in enumerate(StratifiedKFold(5, shuffle=True, random_state=1).split(np.zeros(20), y)):
+        assert sorted(np.flatnonzero(folds == i)) == sorted(test)
+    assert not (stratified_folds(y, 5, seed=2) == folds).all()
+    labels = ["IDHmut", "wt", "wt", "IDHmut", "wt", "wt", "IDHmut", "wt", "IDHmut", "wt", "wt", "IDHmut"]
+    frame = pd.DataFrame({"label": labels})
+    for i in range(3):
+        train, test = few_shot_draw(labels, 3, draw=i, seed=7)
+        want = frame.groupby("label").sample(n=3, random_state=7 + i).index
+        assert train.tolist() == sorted(want) and np.union1d(train, test).size == 12 and test.size == 6
+    assert not np.array_equal(train, few_shot_draw(labels, 3, draw=0, seed=7)[0])
     with pytest.raises(ds.DownstreamError, match="at least 2"):
         stratified_folds(y, 1, 0)
+    with pytest.raises(ds.DownstreamError, match="fewer than the 8 folds"):
+        stratified_folds(y, 8, 0)
+    fold, n = precomputed_folds([2, 0, 1, 10, 2, "1"], "folds")
+    assert n == 4 and fold.tolist() == [2, 0, 1, 3, 2, 1]
+    with pytest.raises(ds.DownstreamError, match="'folds'.*at least 2"):
+        precomputed_folds([3, 3], "folds")
 
 
 # -- embed / generate ------------------------------------------------------------------------------
@@ -309,10 +326,16 @@ def test_finetune_survival_pretrained_vs_scratch(setup, tmp_path):
         assert run("finetune", "survival", "--checkpoint", run_dir, "--dataset", data, "--modalities", "wsi",
                    "--folds", "3", *FAST, *extra, "--out", out) == 0
         pred = pd.read_csv(out / "predictions.csv")
-        assert list(pred.columns) == ["submitter_id", "fold", "risk", "time", "event"]
+        assert list(pred.columns) == ["submitter_id", "fold", "risk", "time", "event", "bin"]
         assert sorted(pred["fold"].unique()) == [0, 1, 2] and set(pred["event"]) == {0, 1}
         res = json.loads((out / "results.json").read_text())
-        assert len(res["c_index_per_fold"]) == 3
+        assert len(res["c_index_per_fold"]) == 3 and len(res["time_cuts"]) == 3
+        # Each held-out patient's label under its fold's cuts, fitted on the other folds (pycox's transform).
+        for k, cuts in enumerate(res["time_cuts"]):
+            train, test = pred[pred["fold"] != k], pred[pred["fold"] == k]
+            assert cuts == surv.km_quantile_cuts(train["time"], train["event"], 5).tolist()
+            idx, _ = surv.discrete_time_labels(test["time"], test["event"], cuts)
+            assert test["bin"].tolist() == idx.tolist()
         assert res["c_index_mean"] == pytest.approx(np.mean(res["c_index_per_fold"]))
         assert res["c_index_std"] == pytest.approx(np.std(res["c_index_per_fold"]))
         assert res["settings"]["epochs"] == 6 and len(res["train_loss_per_epoch"][0]) == 6
@@ -333,7 +356,7 @@ def _check_fine_tuned_exports(out, data, pred, tmp_path):
 
     for k in range(3):
         ckpt = read_checkpoint(out / f"fold_{k}")
-        assert ckpt.params["final_layer.kernel"].shape == (32, 5) and not ckpt.decoders
+        assert ckpt.params["final_layer.kernel"].shape == (32, 5) and not ckpt.decoders   # 5 cut points
         assert ckpt.spec.head["task"] == "survival" and ckpt.spec.head["n_outputs"] == 5
     path = tmp_path / "fold1.safetensors"
     assert run("export", "--checkpoint", out / "fold_1", "--out", path) == 0
@@ -355,6 +378,31 @@ def _check_fine_tuned_exports(out, data, pred, tmp_path):
         valid = b["rows"] >= 0
         got[b["rows"][valid]] = out_t.numpy().sum(-1)[valid]
     np.testing.assert_allclose(got, fold["risk"].to_numpy(), rtol=1e-4, atol=1e-4)
+
+
+def _check_binary_export(step_dir, data, pred, tmp_path):
+    """A two-class head exports as the authors' one-logit layer (final_layer.1.weight [1, H]);
+    the torch module loads it with strict=True and its sigmoid reproduces prob_1."""
+    torch = pytest.importorskip("torch")
+    from morpheus_jax.ckpt.torch_files import read_weights
+    from morpheus_jax.torch import from_export
+
+    path = tmp_path / "binary.safetensors"
+    assert run("export", "--checkpoint", step_dir, "--out", path) == 0
+    sd, _ = read_weights(path)
+    assert sd["final_layer.1.weight"].shape == (1, 32) and sd["final_layer.1.bias"].shape == (1,)
+    module = from_export(path).eval()
+    root, manifest = ds.open_dataset(data)
+    by_id = {r["submitter_id"]: r for r in ds.split_records(root, manifest, "fine-tune")}
+    recs = [by_id[s] for s in pred["submitter_id"]]
+    got = np.zeros(len(recs))
+    for b in ds.iter_batches(root, recs, ds.Inputs(True, ("dnam",)), batch_size=8, min_bag=512):
+        with torch.no_grad():
+            logit = module(torch.from_numpy(b["wsi"].astype(np.float32)), {"dnam": torch.from_numpy(b["omics"]["dnam"])},
+                           torch.from_numpy(b["wsi_mask"]))
+        valid = b["rows"] >= 0
+        got[b["rows"][valid]] = torch.sigmoid(logit[:, 0]).numpy()[valid]
+    np.testing.assert_allclose(got, pred["prob_1"].to_numpy(), atol=1e-4)
 
 
 def test_fit_is_deterministic(setup):
@@ -380,13 +428,16 @@ def test_finetune_classify(setup, tmp_path):
     assert res["mode"] == "few-shot" and res["classes"] == ["0", "1"] and len(res["roc_auc_per_draw"]) == 2
     assert all(0 <= v <= 1 for v in res["roc_auc_per_draw"] + res["balanced_accuracy_per_draw"])
     pred = pd.read_csv(tmp_path / "few" / "predictions.csv")
-    assert list(pred.columns) == ["submitter_id", "draw", "label", "predicted", "prob_0", "prob_1"]
+    assert list(pred.columns) == ["submitter_id", "draw", "support", "label", "predicted", "prob_0", "prob_1"]
     n = res["patients"]
-    assert (pred.groupby("draw").size() == n - 8).all()
-    for i in range(2):                   # each draw's fine-tuned model, in the checkpoint store
+    assert (pred.groupby("draw").size() == n).all() and (pred.groupby("draw")["support"].sum() == 8).all()
+    assert (pred[pred["support"] == 1].groupby(["draw", "label"]).size() == 4).all()
+    for i in range(2):                   # each draw's fine-tuned model: two classes, one logit (BCE)
         ckpt = read_checkpoint(tmp_path / "few" / f"draw_{i}")
-        assert ckpt.params["final_layer.kernel"].shape[1] == 2 and ckpt.spec.head["classes"] == ["0", "1"]
+        assert ckpt.params["final_layer.kernel"].shape[1] == 1 and ckpt.spec.head["classes"] == ["0", "1"]
+        assert ckpt.spec.head["loss"] == "bce" and ckpt.spec.head["n_outputs"] == 1
     np.testing.assert_allclose(pred[["prob_0", "prob_1"]].sum(axis=1), 1.0, atol=1e-5)
+    _check_binary_export(tmp_path / "few" / "draw_0", data, pred[pred["draw"] == 0], tmp_path)
 
     assert run(*base, "--task", "IDH", "--k", "4", "--draws", "2", "--modalities", "wsi,dnam", "--linear-probe",
                "--out", tmp_path / "probe") == 0

@@ -78,19 +78,51 @@ def test_logistic_hazard_nll_matches_pycox_definition(seed):
     assert rows.shape == (n,) and abs(rows.sum() - float(surv.logistic_hazard_nll(phi, idx, events, "sum"))) < 1e-4
 
 
-def test_quantile_bins_match_pandas():
+def _km_cohorts():
     rng = np.random.default_rng(4)
-    times = np.round(rng.exponential(30, 300), 1)
-    events = rng.random(300) < 0.7
-    cuts = surv.quantile_cuts(times, events, 5)
-    _, q = pd.qcut(times[events], q=5, retbins=True, labels=False)
-    np.testing.assert_allclose(cuts, q[1:-1])
-    edges = np.concatenate([[times.min() - 1e-6], q[1:-1], [times.max() + 1e-6]])
-    ref = pd.cut(times, bins=edges, labels=False, right=False, include_lowest=True)
-    np.testing.assert_array_equal(surv.bin_index(times, cuts), ref)
-    assert surv.bin_index(times, cuts).max() == 4 and surv.bin_index(times, cuts).min() == 0
-    with pytest.raises(ValueError, match="no observed events"):
-        surv.quantile_cuts(times, np.zeros(300, bool))
+    t = np.round(rng.exponential(30, 300), 1)
+    yield "random", t, rng.random(300) < 0.7
+    yield "ties", np.repeat([3.0, 7.0, 7.5, 12.0, 20.0, 41.0], 9), np.tile([1, 0, 1], 18).astype(bool)
+    one = np.zeros(40, bool)
+    one[17] = True
+    yield "all_censored_but_one", np.round(rng.uniform(1, 90, 40), 2), one
+    yield "heavy_censoring", np.round(rng.gamma(2.0, 15.0, 200), 1), rng.random(200) < 0.12
+    yield "integer_months_with_zero", rng.integers(0, 60, 120).astype(float), rng.random(120) < 0.5
+    yield "last_is_an_event", np.array([1.0, 2, 3, 4, 5, 6, 7, 8]), np.array([1, 0, 1, 1, 0, 1, 0, 1], bool)
+
+
+@pytest.mark.parametrize("cohort", list(_km_cohorts()), ids=lambda c: c[0])
+def test_km_quantile_labels_equal_pycox(cohort):
+    """The authors' labels: pycox's LabTransDiscreteTime(cuts=5, scheme='quantiles'), fitted
+    and applied (cut points, the index of each patient's cut, the event it returns)."""
+    import warnings
+
+    from pycox.preprocessing.label_transforms import LabTransDiscreteTime
+
+    _, times, events = cohort
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                   # "cuts are not unique": fewer cuts, as ours
+        ref = LabTransDiscreteTime(5, scheme="quantiles")
+        ref_idx, ref_event = ref.fit_transform(times, events.astype(np.float32))
+    cuts = surv.km_quantile_cuts(times, events, 5)
+    np.testing.assert_array_equal(cuts, ref.cuts)
+    assert len(cuts) == ref.out_features
+    idx, event = surv.discrete_time_labels(times, events, cuts)
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_array_equal(event, ref_event)
+    # Applied to other times (a held-out fold): past the last cut is censored there.
+    later = np.concatenate([times[:5], [times.max() * 2]])
+    got = surv.discrete_time_labels(later, np.ones(6, bool), cuts)
+    want = ref.transform(later, np.ones(6, np.float32))
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_survival_helpers_refuse_bad_input():
+    with pytest.raises(ValueError, match="at least 2 cut points"):
+        surv.km_quantile_cuts([1.0, 2.0], [1, 1], 1)
+    with pytest.raises(ValueError, match="non-negative"):
+        surv.km_quantile_cuts([1.0, -2.0], [1, 1], 5)
     np.testing.assert_array_equal(surv.event_from_censorship([0, 1, 1.0]), [1, 0, 0])
     with pytest.raises(ValueError, match="censorship"):
         surv.event_from_censorship([0, 2])

@@ -33,20 +33,22 @@ def cmd_reconstruction(args) -> int:
         min_std=args.min_std, batch_size=args.batch_size))
 
 
-def _settings(args):
-    from morpheus_jax.apps.finetune.trainer import FinetuneSettings  # lazy: start-up time
-    return FinetuneSettings(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
-                            weight_decay=args.weight_decay, dropout=args.dropout, warmup_epochs=args.warmup_epochs,
-                            cosine_period_epochs=args.cosine_period, num_patches=args.num_patches,
-                            eval_batch_size=args.eval_batch_size, seed=args.seed, pretrained=not args.no_pretrain)
+def _settings(args, protocol: str):
+    from morpheus_jax.apps.finetune.trainer import protocol_settings  # lazy: start-up time
+    return protocol_settings(protocol, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+                             weight_decay=args.weight_decay, dropout=args.dropout, warmup_epochs=args.warmup_epochs,
+                             cosine_period_epochs=args.cosine_period, num_patches=args.num_patches,
+                             eval_batch_size=args.eval_batch_size, seed=args.seed, pretrained=not args.no_pretrain,
+                             schedule=args.schedule)
 
 
 def cmd_survival(args) -> int:
     from morpheus_jax.apps.finetune.survival import run_survival  # lazy: start-up time
     return _done(run_survival(
         args.checkpoint, args.dataset, args.out, modalities=args.modalities, split=args.split, folds=args.folds,
-        bins=args.bins, time_column=args.time_column, censorship_column=args.censorship_column,
-        settings=_settings(args)))
+        bins=args.bins, bins_fit=args.bins_fit, folds_column=args.folds_column, time_column=args.time_column,
+        censorship_column=args.censorship_column,
+        settings=_settings(args, "survival")))
 
 
 def cmd_classify(args) -> int:
@@ -56,7 +58,8 @@ def cmd_classify(args) -> int:
     method = "linear_probe" if args.linear_probe else "no_pretrain" if args.no_pretrain else "finetune"
     return _done(run_classify(
         args.checkpoint, args.dataset, args.out, task=args.task, modalities=args.modalities, split=args.split,
-        k=args.k, draws=args.draws, full=args.full, folds=args.folds, method=method, settings=_settings(args)))
+        k=args.k, draws=args.draws, full=args.full, folds=args.folds, method=method,
+        settings=_settings(args, "full" if args.full else "few-shot")))
 
 
 def _common(s, *, modalities: bool = True, split: str = "all", batch_size: bool = False) -> None:
@@ -82,8 +85,14 @@ def _finetune_flags(s) -> None:
                         "fine-tuned model in fold_<k>/ or draw_<i>/ (morpheus export turns it into the authors' "
                         "fine-tuning layout)")
     s.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
-    s.add_argument("--epochs", type=int, default=20, help="training epochs per fold or draw (default 20, the paper's)")
-    s.add_argument("--batch-size", type=int, default=32, help="patients per training step (default 32)")
+    s.add_argument("--epochs", type=int, default=None,
+                   help="training epochs per fold or draw (default: the authors' for the task: survival 20, "
+                        "few-shot 5, full-data classification 5)")
+    s.add_argument("--batch-size", type=int, default=None,
+                   help="patients per training step (default: survival 32, few-shot 1, full-data 32)")
+    s.add_argument("--schedule", choices=["paper", "constant"], default=None,
+                   help="learning rate: the per-epoch warm-up + cosine factor (paper; survival's default) or "
+                        "constant (the authors' classification scripts; classify's default)")
     s.add_argument("--lr", type=float, default=5e-5, help="AdamW peak learning rate (default 5e-5)")
     s.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay (default 1e-2)")
     s.add_argument("--dropout", type=float, default=0.35,
@@ -156,12 +165,20 @@ def register(subparsers) -> None:
                           help="survival (c-index by k-fold CV) or classify (few-shot or full-data)")
     v = ft.add_parser(
         "survival", help="discrete-time survival (logistic hazard), k-fold cross-validated c-index",
-        description="Per fold: --bins intervals at quantiles of the training event times, logistic-hazard NLL, "
-                    "risk = sum of the outputs (higher = worse); censored c-index on the held-out fold. Writes "
-                    "predictions.csv (submitter_id, fold, risk, time, event) and results.json (c_index_per_fold, "
-                    "c_index_mean, c_index_std).")
+        description="The authors' discrete-time labels (pycox LabTransDiscreteTime(--bins, scheme='quantiles'): "
+                    "cuts at Kaplan-Meier quantiles, one output per cut), logistic-hazard NLL, risk = sum of the "
+                    "outputs (higher = worse); censored c-index on the held-out fold. Writes predictions.csv "
+                    "(submitter_id, fold, risk, time, event, bin) and results.json (c_index_per_fold, c_index_mean, "
+                    "c_index_std, time_cuts).")
     _finetune_flags(v)
-    v.add_argument("--bins", type=int, default=5, help="discrete time intervals (default 5)")
+    v.add_argument("--bins", type=int, default=5, help="cut points of the quantile scheme = outputs (default 5; "
+                                                       "fewer when cuts coincide)")
+    v.add_argument("--bins-fit", choices=["fold", "all"], default="fold",
+                   help="fit the cuts on each training fold (default: no leakage) or once on the whole cohort "
+                        "(all: the authors' protocol)")
+    v.add_argument("--folds-column", metavar="NAME",
+                   help="metadata column holding each patient's fold (the authors' precomputed folds); "
+                        "overrides --folds")
     v.add_argument("--time-column", default="survival_months", help="metadata column of the follow-up times")
     v.add_argument("--censorship-column", default="censorship",
                    help="metadata column, 1 = censored, 0 = event observed (default censorship)")

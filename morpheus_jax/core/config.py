@@ -106,6 +106,7 @@ class TrainConfig:
     mu_dtype: str = "float32"
     # "cosine": optax linear warm-up then cosine decay to end_lr_factor * lr over the run.
     # "paper": the authors' per-epoch factor min(linear warm-up, 0.5(1+cos(pi e / period))).
+    # "constant": train.learning_rate throughout (the authors' classification fine-tuning).
     schedule: str = "cosine"
     warmup_steps: int = 100
     # Cosine decay length (default: the run's steps). Set it to keep the schedule fixed
@@ -324,8 +325,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by model.{name}_heads={heads}")
     if not 0.0 <= cfg.masking.ratio < 1.0:
         raise ConfigError(f"masking.ratio must be in [0, 1), got {cfg.masking.ratio}")
-    if cfg.train.schedule not in ("cosine", "paper"):
-        raise ConfigError(f"train.schedule must be 'cosine' or 'paper', got {cfg.train.schedule!r}")
+    if cfg.train.schedule not in ("cosine", "paper", "constant"):
+        raise ConfigError(f"train.schedule must be 'cosine', 'paper' or 'constant', got {cfg.train.schedule!r}")
     if cfg.train.nonfinite not in ("stop", "skip"):
         raise ConfigError(f"train.nonfinite must be 'stop' or 'skip', got {cfg.train.nonfinite!r}")
     if cfg.train.mu_dtype not in ("float32", "bfloat16"):

@@ -28,6 +28,8 @@ def paper_schedule(lr: float, steps_per_epoch: int, warmup_epochs: int, period_e
 
 
 def make_schedule(tc: TrainConfig, total_steps: int, steps_per_epoch: int):
+    if tc.schedule == "constant":
+        return optax.constant_schedule(tc.learning_rate)
     if tc.schedule == "paper":
         return paper_schedule(tc.learning_rate, steps_per_epoch, tc.warmup_epochs, tc.cosine_period_epochs)
     decay = tc.decay_steps or total_steps

@@ -1,7 +1,8 @@
 """Survival metrics and the discrete-time objective (MORPHEUS.md §4), as pure functions.
 
-- `quantile_cuts` / `bin_index`: event times → ``n_bins`` intervals cut at quantiles of the
-  observed event times (the first and last interval are open-ended);
+- `km_quantile_cuts` / `discrete_time_labels`: the authors' discrete-time labels, pycox's
+  ``LabTransDiscreteTime(cuts, scheme='quantiles')`` (cut points at Kaplan–Meier quantiles;
+  events rounded up to a cut, censored times down);
 - `logistic_hazard_nll`: pycox's ``NLLLogistiHazardLoss`` (JAX; NumPy arrays work too);
 - `risk_from_logits`: risk score = sum of the hazard logits (higher = worse);
 - `concordance_index_censored`: scikit-survival's censored concordance index.
@@ -26,22 +27,67 @@ def event_from_censorship(censorship) -> np.ndarray:
     return (1 - c).astype(np.int32)
 
 
-def quantile_cuts(times, events, n_bins: int = 5) -> np.ndarray:
-    """Interior cut points ``[n_bins - 1]``: quantiles ``1/n … (n-1)/n`` of the observed event
-    times (linear interpolation, as ``pandas.qcut``). times, events ``[n]``."""
-    times = np.asarray(times, np.float64)
-    observed = times[np.asarray(events).astype(bool)]
-    if n_bins < 1:
-        raise InputError(f"n_bins must be >= 1, got {n_bins}")
-    if observed.size == 0:
-        raise InputError("no observed events: cannot place time bins at quantiles of the event times")
-    return np.quantile(observed, np.linspace(0.0, 1.0, n_bins + 1)[1:-1])
+def _check_times(times, events) -> tuple[np.ndarray, np.ndarray]:
+    t = np.asarray(times, np.float64).ravel()
+    e = np.asarray(events).ravel()
+    if t.shape != e.shape:
+        raise InputError(f"times and events must have the same length, got {t.size} and {e.size}")
+    if t.size == 0:
+        raise InputError("no survival times given")
+    if not np.isfinite(t).all() or (t < 0).any():
+        raise InputError("survival times must be finite and non-negative")
+    return t, e.astype(bool)
 
 
-def bin_index(times, cuts) -> np.ndarray:
-    """``[n]`` interval of each time: number of cut points ≤ t (intervals closed on the left,
-    ``[c_k, c_{k+1})``, as ``pandas.cut(..., right=False)``), in ``0 … len(cuts)``."""
-    return np.searchsorted(np.asarray(cuts, np.float64), np.asarray(times, np.float64), side="right").astype(np.int32)
+def kaplan_meier(times, events) -> tuple[np.ndarray, np.ndarray]:
+    """The Kaplan–Meier curve ``(grid, survival)`` at the distinct times, ``(0, 1)`` prepended when
+    every time is positive; computed as pycox's ``utils.kaplan_meier`` does (the product as
+    ``exp(Σ log)``, 0 from the first step that leaves nobody), so cut points found on it agree
+    to the last bit."""
+    t, e = _check_times(times, events)
+    grid, inverse = np.unique(t, return_inverse=True)
+    deaths = np.bincount(inverse, weights=e.astype(np.float64), minlength=grid.size)
+    leaving = np.bincount(inverse, minlength=grid.size)
+    at_risk = t.size - np.concatenate([[0], np.cumsum(leaving)[:-1]])
+    survive = 1.0 - deaths / at_risk
+    surv = np.zeros_like(survive)
+    gone = np.flatnonzero(survive == 0)
+    stop = gone[0] if gone.size else survive.size
+    surv[:stop] = np.exp(np.cumsum(np.log(survive[:stop])))
+    if grid[0] > 0:
+        grid, surv = np.concatenate([[0.0], grid]), np.concatenate([[1.0], surv])
+    return grid, surv
+
+
+def km_quantile_cuts(times, events, num_cuts: int = 5) -> np.ndarray:
+    """Cut points of pycox's ``LabTransDiscreteTime(num_cuts, scheme='quantiles')`` (the
+    authors' survival labels): the times where the Kaplan–Meier curve crosses ``num_cuts``
+    equally spaced levels between its lowest and highest value, duplicates dropped, the first
+    set to 0; the last is the largest time. There are at most ``num_cuts`` of them."""
+    if num_cuts < 2:
+        raise InputError(f"the quantile scheme needs at least 2 cut points, got {num_cuts}")
+    grid, surv = kaplan_meier(times, events)
+    levels = np.linspace(surv.min(), surv.max(), num_cuts)
+    at = np.searchsorted(surv[::-1], levels)[::-1]
+    cuts = np.unique(grid[::-1][at])
+    cuts[0] = 0.0
+    return cuts
+
+
+def discrete_time_labels(times, events, cuts) -> tuple[np.ndarray, np.ndarray]:
+    """pycox's ``LabTransDiscreteTime.transform``: ``(index, event)`` per patient. A time past
+    the last cut is censored there; an event time is rounded up to the next cut, a censored
+    time down to the previous one; ``index`` is that cut's position in ``cuts`` (``0 …
+    len(cuts) - 1``, the network's output for it)."""
+    t, e = _check_times(times, events)
+    cuts = np.asarray(cuts, np.float64)
+    e = e & (t <= cuts[-1])
+    t = np.minimum(t, cuts[-1])
+    up = np.searchsorted(cuts, t, side="left")
+    down = np.searchsorted(cuts, t, side="right") - 1
+    if (down[~e] < 0).any():
+        raise InputError(f"a censored time lies before the first cut point {cuts[0]:g}")
+    return np.where(e, up, down).astype(np.int32), e.astype(np.int32)
 
 
 def logistic_hazard_nll(phi, idx, events, reduction: str = "mean"):

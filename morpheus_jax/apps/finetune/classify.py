@@ -1,13 +1,15 @@
 """`morpheus finetune classify`: few-shot (k per class, repeated draws) or full-data (k-fold)
 classification of a metadata column (§4), with two baselines:
 
-- ``finetune``: the pretrained encoder + head, trained end to end (cross-entropy);
+- ``finetune``: the pretrained encoder + head, trained end to end (two classes: one logit
+  and binary cross-entropy, as the authors; more: softmax cross-entropy);
 - ``no_pretrain``: the same model and schedule from random weights;
 - ``linear_probe``: the frozen pretrained encoder's embeddings → logistic regression.
 
 Metrics on the held-out patients of each draw / fold: ROC AUC (macro one-vs-rest above two
-classes) and balanced accuracy. Draws and folds depend on the seed only, so the three
-methods see the same patients.
+classes) and balanced accuracy. Draws (pandas' ``groupby(label).sample``, the authors') and
+folds (scikit-learn's ``StratifiedKFold``) depend on the seed only, so the three methods see
+the same patients.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ import os
 import time
 from pathlib import Path
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pandas as pd
 
 from morpheus_jax.apps.downstream import Log
@@ -34,8 +39,26 @@ from morpheus_jax.metrics.classification import balanced_accuracy, roc_auc, soft
 METHODS = ("finetune", "no_pretrain", "linear_probe")
 
 
-def _loss(outputs, batch):
+def _softmax_loss(outputs, batch):
     return -jnp.take_along_axis(jax.nn.log_softmax(outputs, axis=-1), batch["label"][:, None], axis=-1)[:, 0]
+
+
+def _binary_loss(outputs, batch):
+    """The authors' two-class head: one logit, binary cross-entropy (label 1 = the second class)."""
+    return optax.sigmoid_binary_cross_entropy(outputs[:, 0], batch["label"].astype(jnp.float32))
+
+
+def head_for(classes: list[str]) -> tuple[int, Callable, str]:
+    """(outputs, loss, name): one logit + BCE for two classes, softmax cross-entropy above."""
+    return (1, _binary_loss, "bce") if len(classes) == 2 else (len(classes), _softmax_loss, "softmax")
+
+
+def probabilities(outputs: np.ndarray) -> np.ndarray:
+    """``[n, C]`` class probabilities from the head's outputs (``[n, 1]``: a sigmoid)."""
+    if outputs.shape[1] == 1:
+        p = 1.0 / (1.0 + np.exp(-outputs[:, 0].astype(np.float64)))
+        return np.stack([1.0 - p, p], axis=1)
+    return softmax(outputs)
 
 
 def _sort_key(v):
@@ -76,10 +99,11 @@ def run_classify(checkpoint: str | os.PathLike, dataset: str | os.PathLike, out_
         if short:
             raise DownstreamError(f"{k}-shot needs more than {k} patients per class of {task!r}; too few: "
                                   f"{', '.join(short)}")
-        parts = [few_shot_draw(y, len(classes), k, d, s.seed) for d in range(draws)]
+        parts = [few_shot_draw(cohort.columns[task], k, d, s.seed) for d in range(draws)]
         unit, mode = "draw", "few-shot"
-    trainer = Finetuner(cohort.ckpt, cohort.inputs, len(classes), _loss, s, cohort.root, cohort.manifest,
-                        head={"task": task, "n_outputs": len(classes), "classes": classes, "loss": "softmax"})
+    n_outputs, loss, loss_name = head_for(classes)
+    trainer = Finetuner(cohort.ckpt, cohort.inputs, n_outputs, loss, s, cohort.root, cohort.manifest,
+                        head={"task": task, "n_outputs": n_outputs, "classes": classes, "loss": loss_name})
     log(f"{task} ({method}, {mode}{f', k = {k}' if not full else ''}) on {len(cohort.records)} {split} patients, "
         f"classes {', '.join(f'{c} ({n})' for c, n in zip(classes, counts))}, inputs {cohort.inputs.label}")
     embeddings = None
@@ -88,18 +112,22 @@ def run_classify(checkpoint: str | os.PathLike, dataset: str | os.PathLike, out_
     aucs, baccs, losses, frames = [], [], [], []
     for i, (train, test) in enumerate(parts):
         t0 = time.perf_counter()
+        # Predictions for the held-out patients; a few-shot draw also reports its support set.
+        rows = np.arange(len(y)) if unit == "draw" else test
         if method == "linear_probe":
-            prob = LogisticRegression().fit(embeddings[train], y[train], len(classes)).predict_proba(embeddings[test])
+            prob = LogisticRegression().fit(embeddings[train], y[train], len(classes)).predict_proba(embeddings[rows])
         else:
             params, history = trainer.fit([cohort.records[j] for j in train], {"label": y[train].astype(np.int32)},
                                           run=i, save_to=Path(out_dir) / f"{unit}_{i}")
-            prob = softmax(trainer.predict(params, [cohort.records[j] for j in test]))
+            prob = probabilities(trainer.predict(params, [cohort.records[j] for j in rows]))
             losses.append(history)
         pred = prob.argmax(1)
-        aucs.append(roc_auc(y[test], prob))
-        baccs.append(balanced_accuracy(y[test], pred))
-        frame = pd.DataFrame({"submitter_id": [cohort.ids[j] for j in test], unit: i,
-                              "label": [classes[j] for j in y[test]], "predicted": [classes[j] for j in pred]})
+        held_out = np.isin(rows, test)
+        aucs.append(roc_auc(y[rows][held_out], prob[held_out]))
+        baccs.append(balanced_accuracy(y[rows][held_out], pred[held_out]))
+        frame = pd.DataFrame({"submitter_id": [cohort.ids[j] for j in rows], unit: i,
+                              **({"support": (~held_out).astype(int)} if unit == "draw" else {}),
+                              "label": [classes[j] for j in y[rows]], "predicted": [classes[j] for j in pred]})
         for c, name in enumerate(classes):
             frame[f"prob_{name}"] = prob[:, c]
         frames.append(frame)

@@ -42,24 +42,38 @@ class TrainSampler:
 
 
 def stratified_folds(strata, k: int, seed: int) -> np.ndarray:
-    """``[n]`` fold of each sample in ``0 … k-1``: each stratum shuffled, then dealt round-robin
-    (strata in sorted order), so folds differ in size by at most one and hold each stratum evenly."""
+    """``[n]`` fold of each sample in ``0 … k-1``: scikit-learn's ``StratifiedKFold(k,
+    shuffle=True, random_state=seed)`` (the authors' folds), fold ``i`` = the test part of its
+    ``i``-th split."""
+    from sklearn.model_selection import StratifiedKFold  # lazy: start-up time
+
     strata = np.asarray(strata)
     if k < 2:
         raise DownstreamError(f"--folds must be at least 2, got {k}")
     if strata.size < k:
         raise DownstreamError(f"{strata.size} patients are too few for {k} folds")
-    rng = np.random.default_rng([seed, 0xF01D])
-    order = np.concatenate([rng.permutation(np.flatnonzero(strata == s)) for s in np.unique(strata)])
+    smallest = min(int((strata == v).sum()) for v in np.unique(strata))
+    if smallest < k:
+        raise DownstreamError(f"a class has {smallest} patients, fewer than the {k} folds (use fewer --folds)")
     folds = np.empty(strata.size, np.int64)
-    folds[order] = np.arange(strata.size) % k
+    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    for i, (_, test) in enumerate(splitter.split(np.zeros(strata.size), strata)):
+        folds[test] = i
     return folds
 
 
-def few_shot_draw(labels, n_classes: int, k: int, draw: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train rows: k per class, test rows: the rest) of one random draw."""
-    labels = np.asarray(labels)
-    rng = np.random.default_rng([seed, 0xD4A3, draw])
-    train = np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), k, replace=False)
-                                    for c in range(n_classes)]))
-    return train, np.setdiff1d(np.arange(labels.size), train)
+def few_shot_draw(values, k: int, draw: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, test rows) of few-shot draw ``draw``: the authors' draw, pandas'
+    ``DataFrame({"label": values}).groupby("label").sample(n=k, random_state=seed + draw)`` over
+    the cohort in metadata order (``values``: the label column's values as read), the rest for
+    testing. Rows are positions in ``values``, sorted."""
+    import pandas as pd  # lazy: start-up time
+
+    frame = pd.DataFrame({"label": list(values)})
+    try:
+        chosen = frame.groupby("label").sample(n=k, random_state=seed + draw).index
+    except TypeError:                       # labels of mixed types do not sort: group by their text
+        chosen = frame.assign(label=frame["label"].astype(str)).groupby("label").sample(
+            n=k, random_state=seed + draw).index
+    train = np.sort(np.asarray(chosen, np.int64))
+    return train, np.setdiff1d(np.arange(len(frame)), train)

@@ -4,7 +4,9 @@ the fine-tuned weights per fold or draw in the pretraining checkpoint store, whi
 `morpheus export` turns into the authors' fine-tuning layout (``final_layer.1.*``).
 
 Settings default to §3's fine-tuning values: AdamW lr 5e-5, weight decay 1e-2, dropout 0.35,
-20 epochs, batch 32, warm-up 5 epochs, cosine period 25 epochs.
+20 epochs, batch 32, warm-up 5 epochs, cosine period 25 epochs (survival). The authors'
+classification scripts differ (§4, `PROTOCOLS`): few-shot 5 epochs at batch 1, full-data 5
+epochs at batch 32, both at a constant learning rate.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class FinetuneSettings:
     eval_batch_size: int | None = None      # None: the pretraining config's data.eval_batch_size
     seed: int = 1999
     pretrained: bool = True                 # False: the same model from random weights
+    schedule: str = "paper"                 # "paper" (per-epoch warm-up + cosine) or "constant"
 
     def check(self) -> None:
         flags = {"epochs": "--epochs", "batch_size": "--batch-size", "warmup_epochs": "--warmup-epochs",
@@ -62,6 +65,23 @@ class FinetuneSettings:
             raise DownstreamError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.learning_rate <= 0:
             raise DownstreamError(f"--lr must be positive, got {self.learning_rate}")
+        if self.schedule not in ("paper", "constant"):
+            raise DownstreamError(f"--schedule must be paper or constant, got {self.schedule!r}")
+
+
+# The authors' settings per protocol (MORPHEUS.md §4); the rest are FinetuneSettings' defaults.
+PROTOCOLS = {
+    "survival": {"epochs": 20, "batch_size": 32, "schedule": "paper"},
+    "few-shot": {"epochs": 5, "batch_size": 1, "schedule": "constant"},
+    "full": {"epochs": 5, "batch_size": 32, "schedule": "constant"},
+}
+
+
+def protocol_settings(protocol: str, **given) -> FinetuneSettings:
+    """`FinetuneSettings` of a protocol: the values ``given`` (None = not given), else the
+    protocol's, else the defaults."""
+    values = {**PROTOCOLS[protocol], **{k: v for k, v in given.items() if v is not None}}
+    return FinetuneSettings(**values)
 
 
 class Finetuner:
@@ -86,7 +106,8 @@ class Finetuner:
         self.task_loss = task_loss
         self.train_config = TrainConfig(
             learning_rate=settings.learning_rate, weight_decay=settings.weight_decay, b1=0.9, b2=0.999,
-            schedule="paper", warmup_epochs=settings.warmup_epochs, cosine_period_epochs=settings.cosine_period_epochs)
+            schedule=settings.schedule, warmup_epochs=settings.warmup_epochs,
+            cosine_period_epochs=settings.cosine_period_epochs)
         run_cfg = dataclasses.replace(ckpt.config, model=self.cfg, seed=settings.seed)
         self.spec = dataclasses.replace(ModelSpec.build(run_cfg, ckpt.groups, ckpt.features), head=head)
         self._steps: dict[int, tuple] = {}      # steps per epoch → (optimizer, compiled step)
