@@ -43,8 +43,9 @@ def make_layouts(seed=0, spec=(("rna", 6, 40, True), ("dnam", 5, 30, False), ("c
 
 
 def tiny_model_config(**kw):
+    # Distinct prototype queries (normal init) so that equivalence tests see every prototype path.
     base = dict(hidden_size=32, num_prototypes=4, wsi_dim=24, group_hidden=16, encoder_heads=4, decoder_heads=4,
-                encoder_mlp_dim=32, decoder_mlp_dim=32, group_buckets=2)
+                encoder_mlp_dim=32, decoder_mlp_dim=32, group_buckets=2, prototype_init="normal")
     base.update(kw)
     return ModelConfig(**base)
 

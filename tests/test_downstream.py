@@ -226,19 +226,24 @@ def test_evaluate_reconstruction(setup, tmp_path):
                "--group-column", "IDH", "--out", out) == 0
     table = pd.read_csv(out / "reconstruction.csv")
     assert table["inputs"].tolist() == ["wsi", "wsi+dnam", "wsi+cnv", "wsi+dnam+cnv"]
+    # The authors' thresholds, linspace(0.01, 0.9, 20).
     assert [c for c in table.columns if c.startswith("above_")] == [
-        "above_0.01", "above_0.05", "above_0.1", "above_0.2", "above_0.3", "above_0.4", "above_0.5", "above_0.6",
-        "above_0.7", "above_0.8", "above_0.9"]
+        f"above_{t:g}" for t in np.round(np.linspace(0.01, 0.9, 20), 6)]
     assert (table["above_0.01"] >= table["above_0.9"]).all() and table["features"][0] > 0
     assert (out / "reconstruction.png").stat().st_size > 5000
     per_feature = pd.read_csv(out / "per_feature_r.csv")
     assert len(per_feature) == table["features"][0] and list(per_feature.columns[2:]) == table["inputs"].tolist()
     assert (per_feature["std"] > 0.15).all()
-    np.testing.assert_allclose(per_feature["wsi"].median(), table["median_r"][0], atol=1e-5)
+    np.testing.assert_allclose(per_feature["wsi"].median(), table["median_r"][0], atol=1e-5)   # NaN skipped
+    assert (table["constant_predictions"] == per_feature[table["inputs"]].isna().sum().to_numpy()).all()
     report = json.loads((out / "reconstruction.json").read_text())
     assert report["group_column"] == "IDH" and report["group_levels"] == ["0", "1"]
+    # Correlations over every fine-tune patient, also with a group column.
+    assert report["patients"] == len(ds.keep_available(ds.split_records(data, ds.open_dataset(data)[1], "fine-tune"),
+                                                        ds.Inputs(True, ("rna", "dnam", "cnv")), print))
     for row in report["rows"]:
         assert row["diff_significant"] > 0 and 0.0 <= row["diff_sign_agreement"] <= 1.0
+        assert 0 <= row["diff_significant_in_both"] and 0.0 <= row["diff_authors_accuracy"] <= 1.0
     # WSI-only generation beats chance for every omics (synthetic CNV varies less than the paper's
     # std filter, so every feature is kept here).
     model = morpheus_jax.load(run_dir)
@@ -263,6 +268,23 @@ def test_differential_agreement_on_known_data():
     pred[:, 1] *= -1                                    # sign of feature 1 flipped
     out = ds.differential_agreement(pred, truth, group)
     assert out["significant"] == 2 and out["sign_agreement"] == 0.5
+    assert out["significant_in_both"] == 2 and out["authors_accuracy"] == 0.5   # TP 1 (feature 0), FN 1 (feature 1)
+    pred[:, 0] = rng.normal(size=200)                    # feature 0 no longer significant in the prediction
+    out = ds.differential_agreement(pred, truth, group)
+    assert out["significant_in_both"] == 1 and out["authors_accuracy"] == 0.0
+
+
+def test_reconstruction_metrics_are_the_authors():
+    """std filter with ddof = 1; a constant prediction has no r (NaN), dropped from median and counts."""
+    from morpheus_jax.metrics.reconstruction import THRESHOLDS, kept_features, reconstruction_summary
+
+    assert np.allclose(THRESHOLDS, np.linspace(0.01, 0.9, 20))
+    truth = np.array([[0.0, 0.0, 1.0], [0.3, 0.0, 2.0], [0.0, 0.0, 3.0]])
+    assert kept_features(truth, 0.15).tolist() == [True, False, True]    # std ddof=1 of col 0: 0.173; ddof=0: 0.141
+    pred = np.array([[0.0, 1.0, 5.0], [1.0, 1.0, 5.0], [0.0, 1.0, 5.0]])   # column 2 constant
+    out = reconstruction_summary(pred, truth, min_std=0.15)
+    assert out["num_features"] == 2 and out["constant_predictions"] == 1 and out["median_r"] == pytest.approx(1.0)
+    assert reconstruction_summary(pred, truth, min_std=0.15, constant=0.0)["median_r"] == pytest.approx(0.5)
 
 
 # -- fine-tuning -------------------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 """Downstream metrics against independent references, on random data with ties and censoring."""
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from morpheus_jax.metrics import classification as cls

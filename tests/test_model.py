@@ -267,3 +267,21 @@ def test_generation_uses_mask_tokens_only(layouts):
     g2 = gen(wsi, mask, {"dnam": omics["dnam"] + 1.0})["rna"]
     assert float(jnp.abs(g1 - g2).max()) > 1e-5  # conditioned on the inputs
     assert g1.shape == (3, layouts["rna"].total_size)
+
+
+def test_prototypes_start_at_zero_by_default_and_nothing_else_changes(layouts):
+    """model.prototype_init: the authors' zeros by default; "normal" draws them from the same
+    random stream, so every other initial weight is identical."""
+    import dataclasses
+
+    from morpheus_jax.core.config import ModelConfig
+
+    assert ModelConfig().prototype_init == "zeros"
+    normal = ParamCodec(init_model(tiny_model_config(), layouts, 0))
+    zeros_cfg = dataclasses.replace(tiny_model_config(), prototype_init="zeros")
+    zeros = ParamCodec(init_model(zeros_cfg, layouts, 0))
+    a, b = normal.flatten(init_model(tiny_model_config(), layouts, 0)), zeros.flatten(init_model(zeros_cfg, layouts, 0))
+    assert not np.any(np.asarray(b["wsi_tokenizer.prototypes"])) and np.std(np.asarray(a["wsi_tokenizer.prototypes"])) > 0.01
+    for name in a:
+        if name != "wsi_tokenizer.prototypes":
+            np.testing.assert_array_equal(np.asarray(a[name]), np.asarray(b[name]), err_msg=name)

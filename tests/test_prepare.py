@@ -78,11 +78,19 @@ def test_skipped_patients_counted_and_strict(cohort, tmp_path):
     ids = set(meta.submitter_id)
     for m in ("rna", "dnam", "cnv"):
         ids &= set(pd.read_csv(root / "raw" / "omics" / f"{m}.csv", index_col=0).index.astype(str))
-    complete = meta[meta.submitter_id.isin(ids) & (meta["WSI"] != "[]")]
-    assert sum(manifest.counts.values()) == len(complete)
+    has_slide = meta["WSI"] != "[]"
+    complete = meta[meta.submitter_id.isin(ids) & has_slide]
+    # Fine-tune patients need a slide, not omics (the authors' cohorts): kept, lacking ones flagged.
+    partial = meta[~meta.submitter_id.isin(ids) & has_slide & (meta["split"] == "fine-tune")]
+    assert len(partial) > 0
+    assert sum(manifest.counts.values()) == len(complete) + len(partial)
+    assert manifest.counts["fine-tune"] == int(((meta["split"] == "fine-tune") & has_slide).sum())
     assert manifest.skipped["no_slide"] == no_slide
-    assert manifest.skipped["missing_modality"] == len(meta) - len(complete) - no_slide
+    assert manifest.skipped["missing_modality"] == len(meta) - len(complete) - len(partial) - no_slide
     assert manifest.skipped["missing_modality"] > 0
+    kept = {r["submitter_id"]: r for r in pipeline.read_split(root / "ds", "fine-tune")}
+    for sid in partial["submitter_id"]:
+        assert not all(kept[sid]["available"].values())
     with pytest.raises(PrepareError, match="lacks omics|has no slide"):
         prepare(RawCohort.from_dir(root / "raw"), tmp_path / "ds", PrepareOptions(wsi_dim=DIM, strict=True, progress=False))
     assert not (tmp_path / "ds" / records.MANIFEST).exists()
@@ -100,7 +108,7 @@ def test_inspect_detects_corruption(cohort, tmp_path):
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     bad = subprocess.run([sys.executable, "-m", "morpheus_jax.cli", "inspect", str(ds)], capture_output=True, text=True)
-    assert bad.returncode == 1
+    assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1, bad.stderr
     assert "checksum mismatch" in bad.stderr and shard.name in bad.stderr
 
 

@@ -76,7 +76,7 @@ def test_two_processes_match_one_process(mesh_runs, tiny_dataset, tmp_path):
         assert sorted(got) == sorted(ref)
         for step in ref:
             assert got[step] == pytest.approx(ref[step], rel=1e-5), step
-        return proc.stdout
+        return proc.stdout + proc.stderr
 
     launch()
     # Run-folder files have one writer (process 0), and no temp file is left behind.
@@ -222,7 +222,7 @@ def test_damaged_latest_checkpoint_is_skipped_and_incompatible_config_refused(ti
     step, state, _ = ckpt.restore_latest(run.abstract_state())
     ckpt.close()
     assert step == 3 and int(state["step"]) == 3
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert f"checkpoint {ckdir / '6'} is damaged (" in out and "missing" in out
     # Set aside for inspection, out of the step list: the run saves step 6 again.
     assert (ckdir / "6.damaged" / "state").is_dir() and not (ckdir / "6").exists()
@@ -245,7 +245,7 @@ def test_damaged_latest_checkpoint_is_skipped_and_incompatible_config_refused(ti
         step, state, _ = ckpt.restore_latest(run.abstract_state())
         ckpt.close()
         assert step == 3 and int(state["step"]) == 3, damage
-        out = capsys.readouterr().out
+        out = capsys.readouterr().err
         assert f"checkpoint {ckdir / '5'} is damaged ({target}" in out, (damage, out)
         assert not (ckdir / "5").exists()
         shutil.rmtree(next(ckdir.glob("5.damaged*")))

@@ -61,7 +61,7 @@ def test_skipped_updates_are_counted_and_only_a_long_run_of_them_stops(capsys):
                       save=lambda step, state, ev: saves.append(step), max_skipped_in_a_row=3)
     assert trainer.run({"step": 0}, _batches()).step == 12
     assert saves == [3, 6, 9, 12]
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "step 6: 2 of the last 3 updates skipped" in out and "step 9: 1 of the last 3 updates skipped" in out
     trainer = Trainer(_skipping_step({4, 5, 6, 7}), steps=12, samples_per_step=1, log_every=2,
                       save=lambda step, state, ev: saves.append(step), max_skipped_in_a_row=3)
@@ -77,14 +77,17 @@ def test_skip_nonfinite_keeps_the_state_of_a_bad_step_and_matches_a_good_one():
     from morpheus_jax.engine.state import init_state
     from morpheus_jax.engine.step import make_update_step
 
-    def loss_fn(params, batch, key):
-        return jnp.sum((params["w"] * batch["x"]) ** 2), {}
+    def loss_fn(params, batch, keys, norm):
+        return jnp.sum((params["w"] * batch["x"]) ** 2) / norm, {}
+
+    def norm_fn(batch, keys):
+        return jnp.float32(batch["x"].shape[0])
 
     tx, schedule = optax.adamw(1e-2), optax.constant_schedule(1e-2)
     state = init_state({"w": jnp.arange(3.0)}, tx, 0)
-    plain = jax.jit(make_update_step(loss_fn, tx, schedule))
-    skip = jax.jit(make_update_step(loss_fn, tx, schedule, skip_nonfinite=True))
-    good, bad = {"x": jnp.ones(3)}, {"x": jnp.array([1.0, jnp.nan, 1.0])}
+    plain = jax.jit(make_update_step(loss_fn, norm_fn, tx, schedule))
+    skip = jax.jit(make_update_step(loss_fn, norm_fn, tx, schedule, skip_nonfinite=True))
+    good, bad = {"x": jnp.ones((2, 3))}, {"x": jnp.array([[1.0, jnp.nan, 1.0], [1.0, 1.0, 1.0]])}
     a, ma = plain(state, good)
     b, mb = skip(state, good)
     assert float(mb["skipped"]) == 0.0 and "skipped" not in ma

@@ -27,7 +27,7 @@ from morpheus_jax.core.manifest import Manifest
 from morpheus_jax.core.names import MODALITIES, SPLITS
 from morpheus_jax.data import pipeline
 from morpheus_jax.data import records as rec
-from morpheus_jax.metrics.reconstruction import THRESHOLDS, pearson_per_feature
+from morpheus_jax.metrics.reconstruction import THRESHOLDS, kept_features, pearson_per_feature, summarise_r
 
 WSI = "wsi"
 Log = Callable[[str], None]
@@ -255,9 +255,14 @@ def input_combinations(model_modalities: Sequence[str], target: str, available: 
 
 
 def differential_agreement(pred: np.ndarray, truth: np.ndarray, group: np.ndarray, alpha: float = 0.05) -> dict:
-    """Features significant between the two groups in the truth (Welch t-test, p < alpha):
-    how many, and the share whose mean difference the prediction reproduces in sign (and,
-    stricter, in sign and significance). pred, truth ``[n, F]``, group ``[n]`` bool."""
+    """The differential check between two groups of patients (Welch t-test per feature, p < alpha),
+    pred, truth ``[n, F]``, group ``[n]`` bool:
+
+    - ``significant``: features significant in the truth; ``sign_agreement``: the share of them
+      whose mean difference the prediction reproduces in sign; ``sign_and_significance_agreement``:
+      in sign and significance (ours);
+    - ``authors_accuracy``: the authors' figure, sign agreement (TP + TN) / (TP + TN + FP + FN)
+      over the ``significant_in_both`` features (significant in truth and prediction)."""
 
     group = np.asarray(group, bool)
     with np.errstate(all="ignore"):
@@ -266,28 +271,35 @@ def differential_agreement(pred: np.ndarray, truth: np.ndarray, group: np.ndarra
     d_true = truth[group].mean(0) - truth[~group].mean(0)
     d_pred = pred[group].mean(0) - pred[~group].mean(0)
     sig = np.nan_to_num(p_true, nan=1.0) < alpha
+    sig_pred = np.nan_to_num(p_pred, nan=1.0) < alpha
     same = np.sign(d_pred) == np.sign(d_true)
-    n = int(sig.sum())
+    n, both = int(sig.sum()), sig & sig_pred
     return {"significant": n,
             "sign_agreement": float(same[sig].mean()) if n else float("nan"),
-            "sign_and_significance_agreement": float((same & (np.nan_to_num(p_pred, nan=1.0) < alpha))[sig].mean())
-            if n else float("nan")}
+            "sign_and_significance_agreement": float((same & sig_pred)[sig].mean()) if n else float("nan"),
+            "significant_in_both": int(both.sum()),
+            "authors_accuracy": float(same[both].mean()) if both.any() else float("nan")}
 
 
 def reconstruction_table(preds: dict[Inputs, np.ndarray], truth: np.ndarray, *, min_std: float = 0.15,
-                         thresholds: Sequence[float] = THRESHOLDS, group: np.ndarray | None = None) -> tuple[list[dict], np.ndarray, np.ndarray]:
-    """One row per input combination (median r, features above each threshold, optionally the
-    differential check), the per-feature r ``[combos, F_kept]`` and the kept-feature mask ``[F]``."""
-    keep = truth.std(0) > min_std
+                         thresholds: Sequence[float] = THRESHOLDS, group: np.ndarray | None = None,
+                         grouped: np.ndarray | None = None) -> tuple[list[dict], np.ndarray, np.ndarray]:
+    """One row per input combination (median r over the features with a correlation, features
+    above each threshold, constant predictions counted; optionally the differential check over
+    all features, on the patients ``grouped`` holding a ``group`` value), the per-feature r
+    ``[combos, F_kept]`` (NaN: a constant prediction) and the kept-feature mask ``[F]``."""
+    keep = kept_features(truth, min_std)
     rows, rs = [], []
     for inputs, pred in preds.items():
         r = pearson_per_feature(pred[:, keep], truth[:, keep])
         rs.append(r)
+        summary = summarise_r(r, thresholds)
         row = {"inputs": inputs.label, "patients": int(truth.shape[0]), "features": int(keep.sum()),
-               "median_r": float(np.median(r)) if r.size else float("nan"),
-               **{f"above_{t:g}": int((r > t).sum()) for t in thresholds}}
+               "median_r": summary["median_r"], "constant_predictions": summary["constant_predictions"],
+               **{f"above_{t:g}": n for t, n in summary["above"].items()}}
         if group is not None:
-            diff = differential_agreement(pred[:, keep], truth[:, keep], group)
+            at = np.arange(truth.shape[0]) if grouped is None else grouped
+            diff = differential_agreement(pred[at], truth[at], group)
             row.update({f"diff_{k}": v for k, v in diff.items()})
         rows.append(row)
     return rows, np.asarray(rs), keep
@@ -338,29 +350,29 @@ def run_reconstruction(checkpoint, dataset, target: str, out_dir, *, split: str 
     check_dataset(manifest, root, used, model.feature_names, model.config.model.wsi_dim)
     recs = keep_available(split_records(root, manifest, split), Inputs(True, used), log,
                           why=" (the same patients for every combination)")
-    group = levels = None
-    if group_column:
+    group = levels = grouped = None
+    if group_column:             # the differential check uses the patients with a value; r uses all
         values = column_values(recs, manifest, group_column)
-        missing = sum(v is None for v in values)
-        if missing:
-            log(f"excluded {missing} of {len(recs)} patients lacking {group_column}")
-            recs = [r for r, v in zip(recs, values) if v is not None]
-            values = [v for v in values if v is not None]
-        group, levels = binary_groups(values, group_column)
+        grouped = np.asarray([i for i, v in enumerate(values) if v is not None], np.int64)
+        if grouped.size < len(recs):
+            log(f"{len(recs) - grouped.size} of {len(recs)} patients lack {group_column}: left out of the "
+                "differential check only")
+        group, levels = binary_groups([values[i] for i in grouped], group_column)
     if len(recs) < 3:
         raise DownstreamError(f"{len(recs)} patients are too few for per-feature correlations")
     truth = np.stack([np.asarray(r["omics"][target], np.float32) for r in recs])
     preds = generate(model, root, recs, target, combos, batch_size=batch_size)
-    rows, rs, keep = reconstruction_table(preds, truth, min_std=min_std, thresholds=thresholds, group=group)
+    rows, rs, keep = reconstruction_table(preds, truth, min_std=min_std, thresholds=thresholds, group=group,
+                                          grouped=grouped)
     if not keep.any():
         log(f"no {target} feature has std > {min_std:g} over these {len(recs)} patients (largest "
-            f"{truth.std(0).max():.3f}); lower --min-std")
+            f"{truth.std(0, ddof=1).max():.3f}); lower --min-std")
     out_dir = Path(out_dir)
     write_csv(out_dir / "reconstruction.csv", pd.DataFrame(rows), float_format="%.6g")
     names = np.asarray(model.feature_names[target])[keep]
     per_feature = pd.DataFrame(rs.T if rs.size else np.zeros((0, len(rows))), columns=[r["inputs"] for r in rows])
     per_feature.insert(0, "feature", names)
-    per_feature.insert(1, "std", truth.std(0)[keep])
+    per_feature.insert(1, "std", truth.std(0, ddof=1)[keep])
     write_csv(out_dir / "per_feature_r.csv", per_feature, float_format="%.6g")
     title = (f"{target} generated on {len(recs)} {split} patients, {int(keep.sum())} features with std > {min_std:g} "
              f"(step {model.step})")
@@ -368,11 +380,13 @@ def run_reconstruction(checkpoint, dataset, target: str, out_dir, *, split: str 
     report = {"target": target, "split": split, "patients": len(recs), "min_std": min_std,
               "features": int(keep.sum()), "thresholds": list(thresholds), "step": model.step, "rows": rows}
     if group_column:
-        report.update(group_column=group_column, group_levels=levels, group_sizes=[int((~group).sum()), int(group.sum())])
+        report.update(group_column=group_column, group_levels=levels,
+                      group_sizes=[int((~group).sum()), int(group.sum())])
     write_json(out_dir / "reconstruction.json", report)
     for row in rows:
         extra = (f"; {row['diff_significant']} features differ by {group_column}, sign reproduced for "
-                 f"{row['diff_sign_agreement']:.1%}") if group_column else ""
+                 f"{row['diff_sign_agreement']:.1%} (authors' accuracy {row['diff_authors_accuracy']:.1%} over "
+                 f"{row['diff_significant_in_both']} significant in both)") if group_column else ""
         log(f"{target} from {row['inputs']}: median r {row['median_r']:.3f} over {row['features']} features, "
             f"{row[f'above_{thresholds[len(thresholds) // 2]:g}']} above {thresholds[len(thresholds) // 2]:g}{extra}")
     log(f"wrote {out_dir / 'reconstruction.csv'}, per_feature_r.csv, reconstruction.png, reconstruction.json")

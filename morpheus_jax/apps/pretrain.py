@@ -28,7 +28,7 @@ from morpheus_jax.core import log
 from morpheus_jax.core import sharding as shd
 from morpheus_jax.core.atomic import write_json, write_text
 from morpheus_jax.core.config import Config, from_dict, model_config_diff, save_config
-from morpheus_jax.core.errors import CheckpointError, DatasetError, IncompatibleCheckpoint
+from morpheus_jax.core.errors import CheckpointError, ConfigError, DatasetError, IncompatibleCheckpoint
 from morpheus_jax.core.log import append_jsonl, read_jsonl
 from morpheus_jax.core.spec import BUCKETED_LAYOUT
 from morpheus_jax.data import pipeline, records
@@ -142,6 +142,8 @@ def _describe(run: Run, folder: RunFolder, flops_info: dict, param_info: dict) -
 def pretrain(cfg: Config, *, progress: bool = True) -> dict:
     """Train (or resume) the run in ``cfg.run_dir``; returns the final report."""
     shd.mesh_shape(cfg.mesh, jax.device_count())     # a bad mesh fails before any data work
+    if Path(cfg.run_dir).exists() and not Path(cfg.run_dir).is_dir():
+        raise ConfigError(f"run_dir={cfg.run_dir}: is a file, not a folder")
     ensure_dataset(cfg)
     run = build_run(cfg)                              # dataset against config: before the run folder exists
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)

@@ -86,7 +86,11 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[s
     if suffix == ".safetensors":
         from safetensors.numpy import load_file  # lazy: optional dependency (the torch extra)
 
-        raw = load_file(str(path))
+        try:
+            raw = load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for any bad header
+            raise WeightFileError(f"{path}: cannot be read as a safetensors file ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200] if str(e) else 'truncated or not safetensors'})") from None
         sd = {k: np.asarray(v, np.float32) for k, v in raw.items()}
     else:
         import torch  # lazy: optional dependency (the torch extra)

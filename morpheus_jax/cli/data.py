@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from morpheus_jax.cli.common import modality_paths
-from morpheus_jax.core.errors import ConfigError
+from morpheus_jax.core.errors import ConfigError, DatasetError
 
 
 def cmd_synth(args) -> int:
@@ -23,7 +22,7 @@ def cmd_prepare(args) -> int:
     opts = PrepareOptions(records_per_shard=args.records_per_shard, patch_dtype=args.patch_dtype, workers=args.workers,
                           chunk_rows=args.chunk_rows, wsi_dim=args.wsi_dim, seed=args.seed, strict=args.strict,
                           allow_missing_modalities=args.allow_missing_modalities, overwrite=args.overwrite,
-                          max_skipped=args.max_skipped)
+                          max_skipped=args.max_skipped, progress=not args.no_progress)
     if args.raw:
         cohort = RawCohort.from_dir(args.raw)
     else:
@@ -47,10 +46,9 @@ def cmd_inspect(args) -> int:
     print(summary(manifest))
     problems = (records.file_problems(args.dataset, manifest) if args.no_verify
                 else records.verify_dataset(args.dataset, manifest))
-    for p in problems:
-        print(f"morpheus inspect: {p}", file=sys.stderr)
     if problems:
-        return 1
+        more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:4])})" if len(problems) > 1 else ""
+        raise DatasetError(f"{problems[0]}{more}; the dataset is damaged (`morpheus prepare --overwrite` rewrites it)")
     if not args.no_verify:
         print(f"checksums: {len(manifest.shards)} shards verified")
     return 0
@@ -94,11 +92,14 @@ def register(sub) -> None:
                    help="fail when more than this fraction of the metadata's patients would be skipped (no slide, "
                         "no split, missing omics); default 0.5")
     s.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset at --out")
+    s.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (they are also off when stderr is not a terminal)")
     s.set_defaults(fn=cmd_prepare)
 
     s = sub.add_parser("inspect", help="summarise a prepared dataset and verify its checksums",
                        description="Print patients per split, modalities, groups and patches; verify every "
-                                   "shard's SHA-256 against the manifest (exit 1 on mismatch).")
+                                   "shard's size and SHA-256 against the manifest (a damaged shard: one line "
+                                   "naming it, exit 2).")
     s.add_argument("dataset", help="prepared dataset folder")
     s.add_argument("--no-verify", action="store_true", help="skip checksum verification")
     s.set_defaults(fn=cmd_inspect)

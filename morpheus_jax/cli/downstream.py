@@ -39,7 +39,7 @@ def _settings(args, protocol: str):
                              weight_decay=args.weight_decay, dropout=args.dropout, warmup_epochs=args.warmup_epochs,
                              cosine_period_epochs=args.cosine_period, num_patches=args.num_patches,
                              eval_batch_size=args.eval_batch_size, seed=args.seed, pretrained=not args.no_pretrain,
-                             schedule=args.schedule)
+                             schedule=args.schedule, grad_accum_steps=args.grad_accum_steps)
 
 
 def cmd_survival(args) -> int:
@@ -90,6 +90,9 @@ def _finetune_flags(s) -> None:
                         "few-shot 5, full-data classification 5)")
     s.add_argument("--batch-size", type=int, default=None,
                    help="patients per training step (default: survival 32, few-shot 1, full-data 32)")
+    s.add_argument("--grad-accum-steps", type=int, default=1,
+                   help="micro-batches per update: the gradients of --batch-size / k patients at a time are "
+                        "summed into the update of the whole batch (memory of one micro-batch; default 1)")
     s.add_argument("--schedule", choices=["paper", "constant"], default=None,
                    help="learning rate: the per-epoch warm-up + cosine factor (paper; survival's default) or "
                         "constant (the authors' classification scripts; classify's default)")

@@ -15,12 +15,20 @@ from morpheus_jax.cli import data, downstream, export, scaling, train
 from morpheus_jax.core.errors import UserError
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the package's error format: one line ``morpheus COMMAND: error: …`` and
+    exit status 2 (argparse would print its whole usage first); ``--help`` shows the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="morpheus",
         description="MORPHEUS in JAX: masked omics modelling over H&E patch features, RNA, DNA methylation "
                     "and copy number. Subcommands run the data flow: synth → prepare → pretrain.")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=Parser)
     for module in (data, train, downstream, export, scaling):
         module.register(sub)
     return p

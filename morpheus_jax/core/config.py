@@ -65,6 +65,10 @@ class DataConfig:
 class ModelConfig:
     hidden_size: int = 256
     num_prototypes: int = 16
+    # The WSI tokenizer's prototype queries at initialisation: "zeros" (the authors': all start
+    # equal, dropout in the encoder separates them) or "normal" (std 0.02). The random stream is
+    # the same either way, so every other initial weight is too.
+    prototype_init: str = "zeros"
     wsi_dim: int = 1536
     # Width of the per-group MLPs (tokenizers and reverse tokenizers).
     group_hidden: int = 256
@@ -97,6 +101,9 @@ class TrainConfig:
     # If set, overrides `steps` with epochs * ceil(pretrain patients / global_batch_size).
     epochs: int | None = None
     global_batch_size: int = 128
+    # Split each batch into this many micro-batches whose gradients are summed before one
+    # update (the same update, the activation memory of one micro-batch).
+    grad_accum_steps: int = 1
     learning_rate: float = 5e-4
     weight_decay: float = 1e-3
     b1: float = 0.9
@@ -327,6 +334,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"masking.ratio must be in [0, 1), got {cfg.masking.ratio}")
     if cfg.train.schedule not in ("cosine", "paper", "constant"):
         raise ConfigError(f"train.schedule must be 'cosine', 'paper' or 'constant', got {cfg.train.schedule!r}")
+    if m.prototype_init not in ("zeros", "normal"):
+        raise ConfigError(f"model.prototype_init must be 'zeros' or 'normal', got {m.prototype_init!r}")
     if cfg.train.nonfinite not in ("stop", "skip"):
         raise ConfigError(f"train.nonfinite must be 'stop' or 'skip', got {cfg.train.nonfinite!r}")
     if cfg.train.mu_dtype not in ("float32", "bfloat16"):
@@ -365,7 +374,7 @@ _LOWER_BOUNDS = {
     "model.decoder_layers": 0, "model.decoder_heads": 1, "model.decoder_mlp_dim": 1, "model.layer_norm_eps": 0.0,
     "train.epochs": 1, "train.weight_decay": 0.0, "train.b1": 0.0, "train.b2": 0.0, "train.warmup_steps": 0,
     "train.decay_steps": 1, "train.end_lr_factor": 0.0, "train.warmup_epochs": 0, "train.cosine_period_epochs": 1,
-    "train.grad_clip_norm": 0.0, "train.max_skipped_in_a_row": 1, "train.log_every": 1, "train.eval_every": 0,
+    "train.grad_clip_norm": 0.0, "train.max_skipped_in_a_row": 1, "train.grad_accum_steps": 1, "train.log_every": 1, "train.eval_every": 0,
     "checkpoint.every": 0, "checkpoint.keep": 1, "checkpoint.keep_best": 0, "checkpoint.preemption_check_every": 1,
 }
 
@@ -379,9 +388,9 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
     write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-# Model settings that change how the step computes, not the function or what a checkpoint
-# stores: a run may resume with other values.
-COMPUTE_ONLY = ("group_buckets", "remat")
+# Model settings that change how the step computes or how weights start, not the function or
+# what a checkpoint stores: a run may resume with other values.
+COMPUTE_ONLY = ("group_buckets", "remat", "prototype_init")
 
 
 def model_config_diff(a: ModelConfig, b: ModelConfig) -> list[str]:

@@ -1,6 +1,7 @@
 """One way to report progress: `info` and `warning` lines, and the run's metrics.jsonl.
 
-Lines go through ``tqdm.write`` so they never tear a progress bar. In a multi-process job
+Lines go through ``tqdm.write`` so they never tear a progress bar; info goes to stdout,
+warnings to stderr. In a multi-process job
 `info` speaks for the job (process 0 only); `warning` is printed by every process that
 sees the problem, prefixed with its index when there are several.
 """
@@ -21,6 +22,12 @@ def _process() -> tuple[int, int]:
     return jax.process_index(), jax.process_count()
 
 
+def progress_off(progress: bool) -> bool | None:
+    """tqdm's ``disable`` for a progress bar: off when not asked for, and off by itself when
+    stderr is not a terminal (a batch job's log gets no bar frames)."""
+    return None if progress else True
+
+
 def info(msg: str) -> None:
     index, _ = _process()
     if index == 0:
@@ -30,8 +37,9 @@ def info(msg: str) -> None:
 def warning(msg: str) -> None:
     index, count = _process()
     prefix = f"warning (process {index}): " if count > 1 else "warning: "
-    tqdm.write(prefix + msg, file=sys.stdout)
-    sys.stdout.flush()
+    sys.stdout.flush()                       # keep the order of info and warning lines
+    tqdm.write(prefix + msg, file=sys.stderr)
+    sys.stderr.flush()
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

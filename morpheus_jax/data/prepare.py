@@ -37,6 +37,7 @@ import tensorstore as ts
 from tqdm.auto import tqdm
 
 from morpheus_jax.core.atomic import write_json
+from morpheus_jax.core.log import progress_off
 from morpheus_jax.core.errors import PrepareError
 from morpheus_jax.core.manifest import SCHEMA_VERSION, Manifest, ModalityInfo, PatchInfo
 from morpheus_jax.core.names import MODALITIES, SPLITS
@@ -59,6 +60,9 @@ from morpheus_jax.data.raw import (
 __all__ = ["PrepareError", "PrepareOptions", "RawCohort", "canonical_features", "prepare", "summary"]
 
 SCRATCH = ".prepare"
+# Fine-tuning cohorts need a slide and a label, not omics (the authors'): patients of this
+# split lacking a modality are kept with it marked unavailable.
+FINETUNE_SPLIT = "fine-tune"
 PATCH_DTYPES = ("float16", "bfloat16", "float32")
 
 
@@ -117,7 +121,8 @@ def _select(meta: pd.DataFrame, tables: dict[str, OmicsTable], metadata_path: Pa
             problem = "no_split"
         elif not row["WSI"]:
             problem = "no_slide"
-        elif len(have) < len(modalities) and not (opts.allow_missing_modalities and have):
+        elif len(have) < len(modalities) and not (opts.allow_missing_modalities and have) and not (
+                row["split"] == FINETUNE_SPLIT and not opts.strict):
             problem = "missing_modality"
         if problem:
             if opts.strict:
@@ -142,8 +147,6 @@ def _explain_id_mismatch(meta: pd.DataFrame, tables: dict[str, OmicsTable], meta
                          skipped: dict[str, int]) -> None:
     """Patients lacking a modality only because their id is written differently in its CSV
     (whitespace, case, leading zeros) are an error naming both spellings, not a silent skip."""
-    if not skipped["missing_modality"]:
-        return
     ids = [str(s) for s in meta["submitter_id"]]
     for m, table in tables.items():
         keys = {_id_key(s): s for s in table.rows}
@@ -191,7 +194,7 @@ def _check_slides(keep: list[dict], features_dir: Path, opts: PrepareOptions) ->
         return count, stats
 
     with ThreadPoolExecutor(max_workers=8) as pool, \
-            tqdm(total=len(keep), desc="check slides", unit="patient", disable=not opts.progress) as bar:
+            tqdm(total=len(keep), desc="check slides", unit="patient", disable=progress_off(opts.progress)) as bar:
         for row, (count, stats) in zip(keep, pool.map(one, keep)):
             row["patch_count"], row["slide_stats"] = count, stats
             bar.update(1)
@@ -475,7 +478,7 @@ def _prepare(cohort: RawCohort, out: Path, opts: PrepareOptions, t0: float) -> M
         else:
             pending.append(task)
     resumed = len(entries)
-    with tqdm(total=len(keep), desc="prepare", unit="patient", disable=not opts.progress) as bar:
+    with tqdm(total=len(keep), desc="prepare", unit="patient", disable=progress_off(opts.progress)) as bar:
         bar.update(sum(len(t.patients) for t in tasks if (t.split, t.shard) in entries))
         if opts.workers > 1 and len(pending) > 1:
             ctx = multiprocessing.get_context("spawn")

@@ -61,6 +61,7 @@ from tqdm import tqdm
 
 from morpheus_jax.core.atomic import replacing, write_csv, write_json
 from morpheus_jax.core.errors import InputError, OutputExists
+from morpheus_jax.core.log import progress_off
 from morpheus_jax.core.names import MODALITIES, SPLITS
 
 ONCOTREE_CODES = ("SYNX", "SYNY", "SYNZ")
@@ -404,7 +405,7 @@ def write_synthetic_cohort(out_dir, n_patients=500, seed=0, *, n_projects=4,
         handles = {m: stack.enter_context(open(tmps[m], "w")) for m in MODALITIES}
         for m in MODALITIES:
             handles[m].write("submitter_id," + ",".join(mods[m]["columns"]) + "\n")
-        for i, pat in enumerate(tqdm(patients, desc="synthetic cohort", disable=not progress)):
+        for i, pat in enumerate(tqdm(patients, desc="synthetic cohort", disable=progress_off(progress))):
             n_patches += _write_slides(out, pat, np.random.default_rng([seed, 2, i]), centres)
             for j, m in enumerate(MODALITIES):
                 if pat["present"][j]:

@@ -79,7 +79,8 @@ class Run:
         """The train step, jitted with explicit shardings and donated state, compiled ahead
         of time; its memory analysis is logged."""
         step = make_train_step(self.codec, self.tx, self.schedule, self.layouts, self.cfg.masking.ratio,
-                               skip_nonfinite=self.cfg.train.nonfinite == "skip")
+                               skip_nonfinite=self.cfg.train.nonfinite == "skip",
+                               accum_steps=self.cfg.train.grad_accum_steps)
 
         def traced(state, batch):
             with shd.activation_sharding(self.mesh, self.rules):
@@ -116,9 +117,11 @@ def build_run(cfg: Config) -> Run:
     mesh = shd.make_mesh(cfg.mesh)
     rules = cfg.mesh.rules
     gbs = cfg.train.global_batch_size
-    if gbs % shd.batch_divisor(mesh, rules) or gbs % jax.process_count():
+    accum = cfg.train.grad_accum_steps
+    if gbs % (shd.batch_divisor(mesh, rules) * accum) or gbs % jax.process_count():
         raise ConfigError(f"train.global_batch_size={gbs} must be divisible by the batch mesh axes "
-                          f"({shd.batch_divisor(mesh, rules)} devices) and by {jax.process_count()} processes")
+                          f"({shd.batch_divisor(mesh, rules)} devices) times train.grad_accum_steps={accum}, and "
+                          f"by {jax.process_count()} processes")
     model = init_model(cfg.model, layouts, cfg.seed)
     codec = ParamCodec(model)
     schedule = st.make_schedule(cfg.train, steps, spe)

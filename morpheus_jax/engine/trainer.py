@@ -126,7 +126,7 @@ class Trainer:
     def run(self, state, batches: Iterator[dict], start: int = 0, last_eval: dict | None = None) -> TrainResult:
         last_eval = dict(last_eval or {})
         bar = tqdm(total=self.steps, initial=start, desc=self.desc, unit="step", dynamic_ncols=True,
-                   disable=not self.progress or jax.process_index() != 0)
+                   disable=log.progress_off(self.progress and jax.process_index() == 0))
         pending, t_window, step, stopped, in_a_row, checked = [], time.perf_counter(), start, None, 0, 0
         with Preemption(self.preemption_every) as pre:
             while step < self.steps:

@@ -85,7 +85,7 @@ def reconstruction_report(evaluator: Evaluator, params, root: Path, manifest: Ma
     return {
         "target": target, "patients": len(keep),
         "median_r": met.reconstruction_summary(pred, truth)["median_r"],
-        "baseline_median_r": met.reconstruction_summary(baseline, truth)["median_r"],
+        "baseline_median_r": met.reconstruction_summary(baseline, truth, constant=0.0)["median_r"],
         "mae": float(np.abs(pred - truth).mean()), "baseline_mae": float(np.abs(baseline - truth).mean()),
         "median_r_std_gt_0.15": met.reconstruction_summary(pred, truth, min_std=0.15)["median_r"],
     }

@@ -18,7 +18,7 @@ import numpy as np
 
 from morpheus_jax.core.config import ModelConfig
 from morpheus_jax.core.spec import GroupLayout
-from morpheus_jax.model.layers import Dense, dropout, split_key
+from morpheus_jax.model.layers import Dense, dropout, split_key, uniform
 from morpheus_jax.model.morpheus import Morpheus
 
 Array = jax.Array
@@ -47,7 +47,7 @@ class MorpheusFinetune(Morpheus):
         float32 outputs. ``key`` None: evaluation (no dropout)."""
         k_enc, k_head = split_key(key, 2)
         z = self.embed(wsi, wsi_mask, omics, k_enc)
-        noise = None if k_head is None else jax.random.uniform(k_head, z.shape)
+        noise = None if k_head is None else uniform(k_head, z.shape)
         return self.final_layer(dropout(z, self.head_dropout, noise)).astype(jnp.float32)
 
 

@@ -35,11 +35,31 @@ def normal_init(rng: np.random.Generator, shape, std: float = 0.02) -> jax.Array
     return jnp.asarray((std * rng.standard_normal(shape)).astype(np.float32))
 
 
+# Keys: a single key, or one key per sample (``[B]``, `row_keys`). With per-sample keys every
+# random draw of a sample (masking, dropout) comes from its own key, so it is the same whether
+# the sample is computed in the whole batch or in a micro-batch (gradient accumulation).
+
+def row_keys(key, b: int, start: int = 0):
+    """``[b]`` per-sample keys ``fold_in(key, start + i)``."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(start + jnp.arange(b))
+
+
 def split_key(key, n: int):
-    """``n`` sub-keys, or ``n`` Nones when ``key`` is None (evaluation)."""
+    """``n`` sub-keys (each ``[B]`` for per-sample keys), or ``n`` Nones when ``key`` is None
+    (evaluation)."""
     if key is None:
         return [None] * n
+    if key.ndim == 1:
+        parts = jax.vmap(lambda k: jax.random.split(k, n))(key)
+        return [parts[:, i] for i in range(n)]
     return list(jax.random.split(key, n))
+
+
+def uniform(key, shape: tuple[int, ...]) -> Array:
+    """Uniform [0, 1) of ``shape`` (leading batch axis); per-sample keys draw row by row."""
+    if key.ndim == 1:
+        return jax.vmap(lambda k: jax.random.uniform(k, shape[1:]))(key)
+    return jax.random.uniform(key, shape)
 
 
 def block_noise(key, rate: float, shapes: list[tuple[int, ...]]) -> list[Array | None]:
@@ -49,7 +69,7 @@ def block_noise(key, rate: float, shapes: list[tuple[int, ...]]) -> list[Array |
         return [None] * len(shapes)
     b = shapes[0][0]
     sizes = [math.prod(s[1:]) for s in shapes]
-    u = jax.random.uniform(key, (b, sum(sizes)))
+    u = uniform(key, (b, sum(sizes)))
     offsets = np.cumsum([0] + sizes)
     return [u[:, offsets[i]: offsets[i + 1]].reshape(s) for i, s in enumerate(shapes)]
 

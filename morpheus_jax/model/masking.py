@@ -15,6 +15,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from morpheus_jax.model.layers import uniform
+
 Array = jax.Array
 
 
@@ -70,7 +72,7 @@ def random_keep(key, group_counts: tuple[int, ...], ratio: float, batch_size: in
         available = jnp.ones((batch_size, m), bool)
     offsets = [sum(group_counts[:i]) for i in range(m)]
     sizes = [m, (k + m) * m, t]
-    u = jax.random.uniform(key, (batch_size, sum(sizes)))
+    u = uniform(key, (batch_size, sum(sizes)))          # per-sample keys: row by row
 
     def one(u, avail):
         u_share, u_settle, u_pick = u[:m], u[m: m + (k + m) * m].reshape(k + m, m), u[m + (k + m) * m:]

@@ -89,7 +89,7 @@ class Morpheus(nnx.Module):
         self.global_token = nnx.Param(normal_init(rng, (1, 1, h)),
                                       axes=(None, None, "embed"))
         self.wsi_tokenizer = WSITokenizer(cfg.wsi_dim, h, cfg.num_prototypes, eps=cfg.layer_norm_eps,
-                                          rng=rng, dtype=dtype)
+                                          rng=rng, dtype=dtype, prototype_init=cfg.prototype_init)
         self.omics_tokenizers = nnx.Dict({
             m: GroupTokenizer(self.layouts[m], cfg.group_hidden, h, rng=rng, dtype=dtype)
             for m in self.modalities})

@@ -95,9 +95,11 @@ class WSITokenizer(nnx.Module):
     """
 
     def __init__(self, wsi_dim: int, hidden: int, num_prototypes: int, *, eps: float,
-                 rng: np.random.Generator, dtype=jnp.float32):
-        self.prototypes = nnx.Param(normal_init(rng, (num_prototypes, hidden)),
-                                    axes=("prototypes", "embed"))
+                 rng: np.random.Generator, dtype=jnp.float32, prototype_init: str = "zeros"):
+        protos = normal_init(rng, (num_prototypes, hidden))       # drawn either way: the same stream
+        if prototype_init == "zeros":                             # the authors' (all queries start equal)
+            protos = jnp.zeros_like(protos)
+        self.prototypes = nnx.Param(protos, axes=("prototypes", "embed"))
         self.kv_norm = LayerNorm(wsi_dim, axis_name="wsi_feature", eps=eps, dtype=dtype)
         self.k_proj = Dense(wsi_dim, hidden, axes=("wsi_feature", "embed"), rng=rng, dtype=dtype)
         self.v_proj = Dense(wsi_dim, hidden, axes=("wsi_feature", "embed"), rng=rng, dtype=dtype)

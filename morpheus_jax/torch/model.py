@@ -95,8 +95,7 @@ class WSITokenizer(nn.Module):
     def __init__(self, hidden_size: int, num_prototypes: int, wsi_dim: int):
         super().__init__()
         self.scale = hidden_size ** -0.5
-        self.prototypes = nn.Parameter(torch.zeros(num_prototypes, hidden_size))
-        nn.init.trunc_normal_(self.prototypes, std=0.02)
+        self.prototypes = nn.Parameter(torch.zeros(num_prototypes, hidden_size))   # the authors' zeros
         self.kv_norm = nn.LayerNorm(wsi_dim)
         self.k_proj = nn.Linear(wsi_dim, hidden_size)
         self.v_proj = nn.Linear(wsi_dim, hidden_size)

@@ -52,9 +52,11 @@ class FinetuneSettings:
     seed: int = 1999
     pretrained: bool = True                 # False: the same model from random weights
     schedule: str = "paper"                 # "paper" (per-epoch warm-up + cosine) or "constant"
+    grad_accum_steps: int = 1               # micro-batches per update (batch_size is the update's)
 
     def check(self) -> None:
-        flags = {"epochs": "--epochs", "batch_size": "--batch-size", "warmup_epochs": "--warmup-epochs",
+        flags = {"epochs": "--epochs", "batch_size": "--batch-size", "grad_accum_steps": "--grad-accum-steps",
+                 "warmup_epochs": "--warmup-epochs",
                  "cosine_period_epochs": "--cosine-period", "num_patches": "--num-patches",
                  "eval_batch_size": "--eval-batch-size"}
         for name, flag in flags.items():
@@ -65,6 +67,9 @@ class FinetuneSettings:
             raise DownstreamError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.learning_rate <= 0:
             raise DownstreamError(f"--lr must be positive, got {self.learning_rate}")
+        if self.batch_size % self.grad_accum_steps:
+            raise DownstreamError(f"--batch-size {self.batch_size} must be a multiple of --grad-accum-steps "
+                                  f"{self.grad_accum_steps}")
         if self.schedule not in ("paper", "constant"):
             raise DownstreamError(f"--schedule must be paper or constant, got {self.schedule!r}")
 
@@ -132,7 +137,8 @@ class Finetuner:
         if steps_per_epoch not in self._steps:
             schedule = st.make_schedule(self.train_config, self.s.epochs * steps_per_epoch, steps_per_epoch)
             tx = st.make_optimizer(self.train_config, schedule)
-            step = jax.jit(make_head_step(self.codec, tx, schedule, self.task_loss), donate_argnums=0)
+            step = jax.jit(make_head_step(self.codec, tx, schedule, self.task_loss, self.s.grad_accum_steps),
+                           donate_argnums=0)
             self._steps[steps_per_epoch] = (tx, step)
         return self._steps[steps_per_epoch]
 
@@ -147,7 +153,7 @@ class Finetuner:
                 weight = np.ones(b, np.float32)
                 if rows.size < b:
                     weight[rows.size:] = 0.0
-                    rows = np.concatenate([rows, order[: b - rows.size]])
+                    rows = np.concatenate([rows, np.resize(order, b - rows.size)])
                 batch = self.sampler.batch(records, rows, run, epoch)
                 batch.update({name: np.asarray(v)[rows] for name, v in targets.items()})
                 batch["weight"] = weight
@@ -158,8 +164,8 @@ class Finetuner:
         """Train from `init_params(run)` on ``records`` (targets: ``{name: [n]}`` the task loss
         reads from the batch); returns the parameters and the mean training loss per epoch.
         ``save_to``: a run folder that receives the fine-tuned checkpoint (``checkpoints/<step>``)."""
-        n = len(records)
-        b = min(self.s.batch_size, n)
+        n, k = len(records), self.s.grad_accum_steps
+        b = min(self.s.batch_size, -(-n // k) * k)         # a multiple of the micro-batches
         spe = math.ceil(n / b)
         tx, step = self._step(spe)
         state = st.init_state(self.init_params(run), tx, self.s.seed)
