@@ -138,7 +138,7 @@ def test_gradient_accumulation_equals_the_whole_batch():
         return new, metrics
 
     whole, m1 = run(make_train_step(codec, tx, schedule, layouts, 0.75))
-    for k in (2, 4):
+    for k in (4,):
         acc, mk = run(make_train_step(codec, tx, schedule, layouts, 0.75, accum_steps=k))
         assert float(mk["loss"]) == pytest.approx(float(m1["loss"]), rel=1e-5)
         assert float(mk["grad_norm"]) == pytest.approx(float(m1["grad_norm"]), rel=1e-5)
