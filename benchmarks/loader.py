@@ -8,9 +8,12 @@ the page cache warm, the same number of Grain worker processes runs:
   raw read    every HDF5 file read sequentially (the storage bandwidth bound)
   authors     per sample: open the patient's HDF5 files, read every patch, subsample
               ``num_patches`` in memory, build each group's omics from a pandas row
-  ours        `morpheus_jax.data.pipeline`: one window of the pre-shuffled float16 patches,
-              with ``--workers`` Grain worker processes and, separately, with as many
-              reader threads in the training process (``data.worker_count=0``)
+  ours        `morpheus_jax.data.pipeline`: a fresh random subset of the pre-shuffled float16
+              patches (whole chunk segments), with ``--workers`` Grain worker processes and,
+              separately, with as many reader threads in the training process
+              (``data.worker_count=0``); in the same run, the previous sampler (one
+              contiguous window) in threads, and how often two patches share a bag against
+              uniform sampling under each
 
 and prints samples/s, MB/s and bytes read per sample for both paths, with the ratios.
 
@@ -133,6 +136,48 @@ def _time(it, batches: int, warmup: int = 3) -> tuple[float, float, int]:
     return samples / dt, nbytes / 1e6 / dt, nbytes // samples
 
 
+def window_sample(root, record, num_patches, rng, out=None):
+    """The previous sampler, for comparison: one random contiguous window of the stored rows
+    (wrapping around), so a patient has only ``patch_count`` distinct bags."""
+    import tensorstore as ts
+
+    from morpheus_jax.data import pipeline
+    from morpheus_jax.data import records as rec
+
+    off, n = record["patch_offset"], record["patch_count"]
+    store = pipeline._store(rec.patch_path(root, record["split"], record["patch_shard"]))
+    if out is None:
+        out = np.empty((num_patches, store.shape[1]), store.dtype.numpy_dtype)
+    start = int(rng.integers(n))
+    end = start + num_patches
+    spans = [(off + start, off + min(end, n))] + ([(off, off + end - n)] if end > n else [])
+    row = 0
+    for a, b in spans:
+        ts.array(out[row: row + b - a], copy=False, write=True).write(store[a:b]).result()
+        row += b - a
+    return out, sum(pipeline.chunk_bytes(root, record["split"], record["patch_shard"], a, b) for a, b in spans)
+
+
+def diversity(draw, n: int, k: int, draws: int = 4000, seed: int = 0) -> dict:
+    """How often two patches share a bag, against uniform sampling (k of n: rate k(k-1)/(n(n-1))):
+    for stored neighbours (rows i, i+1, the same chunk), for pairs 8 chunks apart, and the
+    number of distinct bags among ``draws``. ``draw(rng) → sorted row indices`` in [0, n)."""
+    rng = np.random.default_rng(seed)
+    near = far = 0
+    pairs = np.arange(0, n - 1025, 97)
+    bags = set()
+    for _ in range(draws):
+        rows = draw(rng)
+        member = np.zeros(n, bool)
+        member[rows] = True
+        near += int(np.sum(member[pairs] & member[pairs + 1]))
+        far += int(np.sum(member[pairs] & member[pairs + 1024]))
+        bags.add(hash(rows.tobytes()))
+    uniform = k * (k - 1) / (n * (n - 1)) * draws * pairs.size
+    return {"neighbours_vs_uniform": round(near / uniform, 2), "far_pairs_vs_uniform": round(far / uniform, 2),
+            "distinct_bags": len(bags), "draws": draws}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="benchmarks/.work/loader", help="cohort folder (reused across runs)")
@@ -161,6 +206,21 @@ def main(argv=None) -> dict:
     it = pipeline.train_iterator(ours_ds, 0, prefetch=max(args.workers, 1))
     threads = _time(it, args.batches)
     it.close_reader()
+    fresh = pipeline.sample_patches            # the same run with the previous window sampler
+    pipeline.sample_patches = window_sample
+    try:
+        it = pipeline.train_iterator(ours_ds, 0, prefetch=max(args.workers, 1))
+        window = _time(it, args.batches)
+        it.close_reader()
+    finally:
+        pipeline.sample_patches = fresh
+    n, k, c = 10000, args.num_patches, 128
+    div_fresh = diversity(lambda rng: pipeline.draw_rows(37, n, k, c, rng), n, k)
+
+    def window_rows(rng):
+        start = int(rng.integers(n))
+        return np.sort(np.arange(start, start + k) % n)
+    div_window = diversity(window_rows, n, k)
     it = pipeline.train_iterator(ours_ds, args.workers, prefetch=1)
     ours = _time(it, args.batches)
     it.close_reader()
@@ -186,6 +246,10 @@ def main(argv=None) -> dict:
         "speedup": round(ours[0] / authors[0], 1),
         "ours_threads_samples_per_s": round(threads[0], 1),
         "speedup_threads": round(threads[0] / authors[0], 1),
+        "window_threads_samples_per_s": round(window[0], 1), "window_bytes_per_sample": int(window[2]),
+        "fresh_vs_window_samples_per_s": round(threads[0] / window[0], 3),
+        "fresh_bytes_ratio": round(threads[2] / sample_bytes, 3), "window_bytes_ratio": round(window[2] / sample_bytes, 3),
+        "diversity_fresh": div_fresh, "diversity_window": div_window,
     }
     if args.json:
         print(json.dumps(result))
@@ -199,6 +263,10 @@ def main(argv=None) -> dict:
               f"threads)")
         print(f"authors: {authors[0]:8.2f} samples/s  {authors[1]:8.1f} MB/s  {authors[2] / 1e6:6.2f} MB read per sample "
               f"({result['authors_bytes_ratio']}x)")
+        print(f"sampler: fresh subsets {threads[0]:.1f} samples/s, {result['fresh_bytes_ratio']}x bytes; previous "
+              f"window {window[0]:.1f} samples/s, {result['window_bytes_ratio']}x bytes (ratio "
+              f"{result['fresh_vs_window_samples_per_s']}); pair co-occurrence vs uniform, fresh {div_fresh}, "
+              f"window {div_window}")
         print(f"speed-up: {result['speedup']}x samples/s at batch {args.batch} with {args.workers} worker processes each "
               f"({result['speedup_threads']}x with {max(args.workers, 1)} reader threads)")
     return result

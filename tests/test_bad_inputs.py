@@ -814,6 +814,9 @@ def test_bad_input(case: Case, ctx: Ctx, tmp_path: Path, capsys):
         assert lines[0].startswith(prefix), lines[0]
         for name in case.named:
             assert fill(name, ctx, tmp_path) in lines[0], f"{fill(name, ctx, tmp_path)!r} not named in: {lines[0]}"
+        if os.environ.get("MORPHEUS_BAD_INPUT_TABLE"):     # the closing note's table: case → message
+            with open(os.environ["MORPHEUS_BAD_INPUT_TABLE"], "a") as f:
+                f.write(json.dumps({"case": case.name, "message": lines[0].replace(str(tmp_path), "…")}) + "\n")
     for p, snap in owned.items():
         assert snapshot(resolve(p, ctx, tmp_path)) == snap, f"{p}: the user's files were changed"
     for kind, path in outputs:

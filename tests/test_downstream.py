@@ -128,8 +128,11 @@ def test_folds_and_draws_are_the_authors():
 def test_embed_every_modality_subset(setup, tmp_path):
     run_dir, data, _ = setup
     model = morpheus_jax.load(run_dir)
-    recs = ds.split_records(data, ds.open_dataset(data)[1], "fine-tune")
+    every = ds.split_records(data, ds.open_dataset(data)[1], "fine-tune")
+    assert not all(all(r["available"].values()) for r in every)     # fine-tune patients lacking omics are kept
     for mods in ["wsi", "wsi,rna", "rna,dnam", "wsi,rna,dnam,cnv"]:
+        inputs = ds.parse_modalities(mods, model.modalities)
+        recs = ds.keep_available(every, inputs, lambda line: None)
         out = tmp_path / f"{mods.replace(',', '_')}.npz"
         assert run("embed", "--checkpoint", run_dir, "--dataset", data, "--modalities", mods, "--split", "fine-tune",
                    "--out", out) == 0
@@ -140,7 +143,6 @@ def test_embed_every_modality_subset(setup, tmp_path):
         # Row 0 of the encoded sequence of one patient, every patch.
         r = recs[3]
         from morpheus_jax.data.pipeline import read_rows
-        inputs = ds.parse_modalities(mods, model.modalities)
         wsi = read_rows(data, r["split"], r["patch_shard"], r["patch_offset"],
                         r["patch_offset"] + r["patch_count"])[None] if inputs.wsi else None
         want = model.encode(wsi, {m: np.asarray(r["omics"][m])[None] for m in inputs.omics})[0, 0]
@@ -164,7 +166,8 @@ def test_generate_csv(setup, tmp_path):
                "--split", "fine-tune", "--out", out) == 0
     frame = pd.read_csv(out)
     assert list(frame.columns) == ["submitter_id"] + model.feature_names["dnam"]
-    recs = ds.split_records(data, ds.open_dataset(data)[1], "fine-tune")
+    recs = ds.keep_available(ds.split_records(data, ds.open_dataset(data)[1], "fine-tune"), ds.Inputs(True, ("cnv",)),
+                             lambda line: None)
     assert frame["submitter_id"].tolist() == [r["submitter_id"] for r in recs]
     r = recs[0]
     from morpheus_jax.data.pipeline import read_rows

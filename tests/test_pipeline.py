@@ -131,8 +131,31 @@ def test_bytes_read_per_sample_bounded(dataset):
     b = ds[0]
     itemsize = 2
     for row in range(4):
-        # A window touches at most ceil(24 / chunk) + 1 chunks, plus one more when it wraps.
-        assert 24 * DIM * itemsize <= b["bytes_read"][row] <= (24 // chunk + 3) * chunk * DIM * itemsize
+        # Whole chunk segments: at most ceil(24 / chunk) + 2 chunks (partial first and last segments).
+        assert 24 * DIM * itemsize <= b["bytes_read"][row] <= (-(-24 // chunk) + 2) * chunk * DIM * itemsize
+
+
+def test_bags_are_fresh_random_subsets_at_the_cost_of_a_window():
+    """draw_rows: each draw a new subset of the patient's rows (not one of n windows), every row
+    reachable, pairs from different chunks together at the uniform rate, and about the chunks
+    a window reads."""
+    n, k, c, off = 2000, 256, 32, 45
+    rng = np.random.default_rng(0)
+    draws = [pipeline.draw_rows(off, n, k, c, rng) for _ in range(3000)]
+    seen = np.zeros(n, int)
+    for rows in draws:
+        assert rows.size == k and np.unique(rows).size == k and rows.min() >= off and rows.max() < off + n
+        assert np.unique(rows // c).size <= k // c + 2
+        seen[rows - off] += 1
+    assert len({r.tobytes() for r in draws}) == len(draws)
+    assert seen.min() > 0 and abs(seen.mean() / len(draws) - k / n) < 1e-9
+    # Every row about equally often (k / n per draw), first and last partial segments included.
+    assert np.abs(seen / len(draws) - k / n).max() < 0.35 * k / n
+    member = np.zeros((len(draws), n), bool)
+    for i, rows in enumerate(draws):
+        member[i, rows - off] = True
+    far = np.mean(member[:, 100] & member[:, 1500])          # different chunks
+    assert abs(far / (k * (k - 1) / (n * (n - 1))) - 1) < 0.35
 
 
 def test_eval_batches_hold_every_patch(dataset):

@@ -10,10 +10,11 @@ Row ``r`` of global batch ``s`` is element ``s·B + r`` of the shuffled stream w
 number of processes, and a sample's patches are drawn from a generator keyed on
 ``(seed, epoch, record index)``, so batches do not depend on process or worker counts.
 
-A training sample holds ``num_patches`` patches: a random contiguous window of the patient's
-pre-shuffled rows (wrapping around), not re-shuffled (the WSI tokenizer is
-permutation-invariant); bags smaller than that are topped up by
-sampling again with replacement. Evaluation bags hold every patch, padded with a mask.
+A training sample holds ``num_patches`` patches: a fresh random subset of the patient's
+pre-shuffled rows, taken as whole chunk segments in a random order (`draw_rows`: about the
+chunks one window would read), not re-shuffled (the WSI tokenizer is permutation-invariant);
+bags smaller than that are topped up by sampling again with replacement. Evaluation bags
+hold every patch, padded with a mask.
 """
 
 from __future__ import annotations
@@ -55,37 +56,59 @@ def chunk_bytes(root: Path, split: str, shard: int, start: int, stop: int) -> in
     return chunks * rows * store.shape[1] * store.dtype.numpy_dtype.itemsize
 
 
+def segments(offset: int, count: int, chunk_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """A patient's stored rows ``[offset, offset + count)`` cut at the patch array's chunk
+    boundaries: (starts, stops) of each chunk's share (the first and last may be partial)."""
+    first, last = offset // chunk_rows, (offset + count - 1) // chunk_rows
+    edges = np.arange(first, last + 2, dtype=np.int64) * chunk_rows
+    starts, stops = np.maximum(edges[:-1], offset), np.minimum(edges[1:], offset + count)
+    return starts, stops
+
+
+def draw_rows(offset: int, count: int, num_patches: int, chunk_rows: int, rng: np.random.Generator) -> np.ndarray:
+    """Stored rows of one training bag (``count >= num_patches``): the patient's chunk segments
+    in a fresh random order until ``num_patches`` rows, the last one cut to a random run of
+    what is still needed. Each draw is a new random subset (the stored order within a chunk
+    is itself a random permutation), and only the chunks of the chosen segments are read:
+    about ``num_patches / chunk_rows + 1`` chunks, as one random window would touch."""
+    starts, stops = segments(offset, count, chunk_rows)
+    parts, need = [], num_patches
+    for j in rng.permutation(starts.size):
+        a, b = int(starts[j]), int(stops[j])
+        take = min(b - a, need)
+        a += int(rng.integers(b - a - take + 1))
+        parts.append(np.arange(a, a + take))
+        need -= take
+        if not need:
+            break
+    return np.sort(np.concatenate(parts))
+
+
 def sample_patches(root: Path, record: dict, num_patches: int, rng: np.random.Generator,
                    out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """``[num_patches, D]`` patches of one patient, written into ``out`` (allocated when
     None), and the bytes of the chunks read.
 
-    A bag of at least ``num_patches`` rows gives one random window of its stored rows
-    (wrapping around): the stored order is a random permutation of the bag, so the window
-    is a uniformly random subset, copied by TensorStore straight into ``out``. It is not
-    reshuffled: that would cost a copy and change nothing, as the WSI tokenizer is
-    permutation-invariant. A smaller bag is topped up by sampling with replacement, then
-    shuffled.
+    A bag of at least ``num_patches`` rows gives a fresh random subset of its stored rows
+    (`draw_rows`), gathered by one TensorStore read straight into ``out``; not reshuffled
+    (the WSI tokenizer is permutation-invariant). A smaller bag is topped up by sampling with
+    replacement, then shuffled.
     """
     off, n = record["patch_offset"], record["patch_count"]
     shard, split = record["patch_shard"], record["split"]
     store = _store(rec.patch_path(root, split, shard))
     if out is None:
         out = np.empty((num_patches, store.shape[1]), store.dtype.numpy_dtype)
+    chunk_rows = store.chunk_layout.read_chunk.shape[0]
     if n >= num_patches:
-        start = int(rng.integers(n))
-        end = start + num_patches
-        spans = [(off + start, off + min(end, n))] + ([(off, off + end - n)] if end > n else [])
-        row = 0
-        for a, b in spans:
-            ts.array(out[row: row + b - a], copy=False, write=True).write(store[a:b]).result()
-            row += b - a
-    else:
-        spans = [(off, off + n)]
-        x = store[off: off + n].read().result()
-        order = np.concatenate([np.arange(n), rng.integers(n, size=num_patches - n)])
-        out[...] = x[order[rng.permutation(num_patches)]]
-    return out, sum(chunk_bytes(root, split, shard, a, b) for a, b in spans)
+        rows = draw_rows(off, n, num_patches, chunk_rows, rng)
+        ts.array(out, copy=False, write=True).write(store[rows]).result()
+        touched = np.unique(rows // chunk_rows).size
+        return out, touched * chunk_rows * store.shape[1] * store.dtype.numpy_dtype.itemsize
+    x = store[off: off + n].read().result()
+    order = np.concatenate([np.arange(n), rng.integers(n, size=num_patches - n)])
+    out[...] = x[order[rng.permutation(num_patches)]]
+    return out, chunk_bytes(root, split, shard, off, off + n)
 
 
 def omics_arrays(record: dict, modalities: tuple[str, ...]) -> tuple[dict, np.ndarray]:

@@ -9,9 +9,8 @@ A dataset is a folder::
                                             uncompressed ("bytes" codec)
 
 Each patient's patches are stored contiguously and pre-shuffled (all of their slides
-together), so a training sample reads one random window of ``num_patches`` rows (two when
-the window wraps around the end of the patient's rows): a constant, small number of chunk
-reads whatever the bag size.
+together), so a training sample reads a random set of the patient's chunk segments (whole
+chunks, `pipeline.draw_rows`): a constant, small number of chunk reads whatever the bag size.
 
 A record (msgpack map) holds::
 
