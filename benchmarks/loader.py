@@ -215,7 +215,7 @@ def main(argv=None) -> dict:
     finally:
         pipeline.sample_patches = fresh
     n, k, c = 10000, args.num_patches, 128
-    div_fresh = diversity(lambda rng: pipeline.draw_rows(37, n, k, c, rng), n, k)
+    div_fresh = diversity(lambda rng: pipeline.draw_rows(37, n, k, c, rng) - 37, n, k)
 
     def window_rows(rng):
         start = int(rng.integers(n))

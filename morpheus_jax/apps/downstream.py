@@ -388,6 +388,6 @@ def run_reconstruction(checkpoint, dataset, target: str, out_dir, *, split: str 
                  f"{row['diff_sign_agreement']:.1%} (authors' accuracy {row['diff_authors_accuracy']:.1%} over "
                  f"{row['diff_significant_in_both']} significant in both)") if group_column else ""
         log(f"{target} from {row['inputs']}: median r {row['median_r']:.3f} over {row['features']} features, "
-            f"{row[f'above_{thresholds[len(thresholds) // 2]:g}']} above {thresholds[len(thresholds) // 2]:g}{extra}")
+            f"{row[f'above_{thresholds[len(thresholds) // 2]:g}']} above {thresholds[len(thresholds) // 2]:.2f}{extra}")
     log(f"wrote {out_dir / 'reconstruction.csv'}, per_feature_r.csv, reconstruction.png, reconstruction.json")
     return report

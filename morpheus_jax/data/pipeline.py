@@ -11,7 +11,7 @@ number of processes, and a sample's patches are drawn from a generator keyed on
 ``(seed, epoch, record index)``, so batches do not depend on process or worker counts.
 
 A training sample holds ``num_patches`` patches: a fresh random subset of the patient's
-pre-shuffled rows, taken as whole chunk segments in a random order (`draw_rows`: about the
+pre-shuffled rows, taken as whole chunk segments in a random order (`draw_spans`: about the
 chunks one window would read), not re-shuffled (the WSI tokenizer is permutation-invariant);
 bags smaller than that are topped up by sampling again with replacement. Evaluation bags
 hold every patch, padded with a mask.
@@ -65,23 +65,36 @@ def segments(offset: int, count: int, chunk_rows: int) -> tuple[np.ndarray, np.n
     return starts, stops
 
 
-def draw_rows(offset: int, count: int, num_patches: int, chunk_rows: int, rng: np.random.Generator) -> np.ndarray:
-    """Stored rows of one training bag (``count >= num_patches``): the patient's chunk segments
-    in a fresh random order until ``num_patches`` rows, the last one cut to a random run of
-    what is still needed. Each draw is a new random subset (the stored order within a chunk
-    is itself a random permutation), and only the chunks of the chosen segments are read:
-    about ``num_patches / chunk_rows + 1`` chunks, as one random window would touch."""
+def draw_spans(offset: int, count: int, num_patches: int, chunk_rows: int,
+               rng: np.random.Generator) -> list[tuple[int, int]]:
+    """Stored row spans ``[(a, b), …]`` of one training bag (``count >= num_patches``): the
+    patient's chunk segments in a fresh random order until ``num_patches`` rows, the last one
+    cut to a random run of what is still needed; returned in storage order, neighbours merged.
+    Each draw is a new random subset (the stored order within a chunk is itself a random
+    permutation), and only the chunks of the chosen segments are read: about
+    ``num_patches / chunk_rows + 1`` chunks, as one random window would touch."""
     starts, stops = segments(offset, count, chunk_rows)
-    parts, need = [], num_patches
+    spans, need = [], num_patches
     for j in rng.permutation(starts.size):
         a, b = int(starts[j]), int(stops[j])
         take = min(b - a, need)
         a += int(rng.integers(b - a - take + 1))
-        parts.append(np.arange(a, a + take))
+        spans.append((a, a + take))
         need -= take
         if not need:
             break
-    return np.sort(np.concatenate(parts))
+    merged: list[tuple[int, int]] = []
+    for a, b in sorted(spans):
+        if merged and merged[-1][1] == a:
+            merged[-1] = (merged[-1][0], b)
+        else:
+            merged.append((a, b))
+    return merged
+
+
+def draw_rows(offset: int, count: int, num_patches: int, chunk_rows: int, rng: np.random.Generator) -> np.ndarray:
+    """The rows of `draw_spans`, sorted."""
+    return np.concatenate([np.arange(a, b) for a, b in draw_spans(offset, count, num_patches, chunk_rows, rng)])
 
 
 def sample_patches(root: Path, record: dict, num_patches: int, rng: np.random.Generator,
@@ -90,9 +103,10 @@ def sample_patches(root: Path, record: dict, num_patches: int, rng: np.random.Ge
     None), and the bytes of the chunks read.
 
     A bag of at least ``num_patches`` rows gives a fresh random subset of its stored rows
-    (`draw_rows`), gathered by one TensorStore read straight into ``out``; not reshuffled
-    (the WSI tokenizer is permutation-invariant). A smaller bag is topped up by sampling with
-    replacement, then shuffled.
+    (`draw_spans`), each span copied by TensorStore straight into its part of ``out`` (the
+    reads issued together, then awaited); not reshuffled (the WSI tokenizer is
+    permutation-invariant). A smaller bag is topped up by sampling with replacement, then
+    shuffled.
     """
     off, n = record["patch_offset"], record["patch_count"]
     shard, split = record["patch_shard"], record["split"]
@@ -101,9 +115,14 @@ def sample_patches(root: Path, record: dict, num_patches: int, rng: np.random.Ge
         out = np.empty((num_patches, store.shape[1]), store.dtype.numpy_dtype)
     chunk_rows = store.chunk_layout.read_chunk.shape[0]
     if n >= num_patches:
-        rows = draw_rows(off, n, num_patches, chunk_rows, rng)
-        ts.array(out, copy=False, write=True).write(store[rows]).result()
-        touched = np.unique(rows // chunk_rows).size
+        spans = draw_spans(off, n, num_patches, chunk_rows, rng)
+        pending, row = [], 0
+        for a, b in spans:
+            pending.append(ts.array(out[row: row + b - a], copy=False, write=True).write(store[a:b]))
+            row += b - a
+        for p in pending:
+            p.result()
+        touched = len({c for a, b in spans for c in range(a // chunk_rows, (b - 1) // chunk_rows + 1)})
         return out, touched * chunk_rows * store.shape[1] * store.dtype.numpy_dtype.itemsize
     x = store[off: off + n].read().result()
     order = np.concatenate([np.arange(n), rng.integers(n, size=num_patches - n)])
