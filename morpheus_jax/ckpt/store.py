@@ -18,7 +18,6 @@ read unverified.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -31,7 +30,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from morpheus_jax.core import log
-from morpheus_jax.core.atomic import write_json
+from morpheus_jax.core.atomic import sha256_file, write_json
 from morpheus_jax.core.errors import CheckpointError, CheckpointNotFound
 from morpheus_jax.core.spec import ModelSpec
 
@@ -43,15 +42,10 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir).resolve() / "checkpoints"
 
 
-def _file_digest(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def seal(step_dir: str | Path) -> None:
     """Write ``checksums.json``: size and SHA-256 of every file of a finalised step."""
     step_dir = Path(step_dir)
-    files = {str(p.relative_to(step_dir)): [p.stat().st_size, _file_digest(p)]
+    files = {str(p.relative_to(step_dir)): [p.stat().st_size, sha256_file(p)]
              for p in sorted(step_dir.rglob("*")) if p.is_file() and p.name != CHECKSUMS}
     write_json(step_dir / CHECKSUMS, {"algorithm": "sha256", "files": files})
 
@@ -74,7 +68,7 @@ def verify_step(step_dir: str | Path) -> str | None:
             return f"{p}: missing"
         if p.stat().st_size != size:
             return f"{p}: {p.stat().st_size} bytes, {size} when saved (truncated or overwritten)"
-        if _file_digest(p) != digest:
+        if sha256_file(p) != digest:
             return f"{p}: checksum mismatch (the file changed after it was saved)"
     return None
 

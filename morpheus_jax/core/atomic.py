@@ -10,6 +10,7 @@ writing the same path never collide on the temp file; the last rename wins.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import uuid
@@ -62,3 +63,9 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
     with replacing(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
     return path
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes (datasets' shards, checkpoints' files)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

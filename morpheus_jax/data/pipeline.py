@@ -122,8 +122,8 @@ def sample_patches(root: Path, record: dict, num_patches: int, rng: np.random.Ge
             row += b - a
         for p in pending:
             p.result()
-        touched = len({c for a, b in spans for c in range(a // chunk_rows, (b - 1) // chunk_rows + 1)})
-        return out, touched * chunk_rows * store.shape[1] * store.dtype.numpy_dtype.itemsize
+        # Spans never share a chunk (one per chunk segment; merged ones cover whole chunks).
+        return out, sum(chunk_bytes(root, split, shard, a, b) for a, b in spans)
     x = store[off: off + n].read().result()
     order = np.concatenate([np.arange(n), rng.integers(n, size=num_patches - n)])
     out[...] = x[order[rng.permutation(num_patches)]]

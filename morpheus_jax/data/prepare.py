@@ -133,7 +133,7 @@ def _select(meta: pd.DataFrame, tables: dict[str, OmicsTable], metadata_path: Pa
             continue
         row["omics_rows"] = {m: tables[m].rows.get(sid, -1) for m in modalities}
         keep.append(row)
-    _explain_id_mismatch(meta, tables, metadata_path, skipped)
+    _explain_id_mismatch(meta, tables, metadata_path)
     return keep, skipped
 
 
@@ -143,8 +143,7 @@ def _id_key(sid: str) -> str:
     return sid.strip().lower().lstrip("0") or "0"
 
 
-def _explain_id_mismatch(meta: pd.DataFrame, tables: dict[str, OmicsTable], metadata_path: Path,
-                         skipped: dict[str, int]) -> None:
+def _explain_id_mismatch(meta: pd.DataFrame, tables: dict[str, OmicsTable], metadata_path: Path) -> None:
     """Patients lacking a modality only because their id is written differently in its CSV
     (whitespace, case, leading zeros) are an error naming both spellings, not a silent skip."""
     ids = [str(s) for s in meta["submitter_id"]]

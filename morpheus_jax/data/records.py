@@ -39,6 +39,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from morpheus_jax.core.atomic import sha256_file
 from morpheus_jax.core.errors import DatasetError
 from morpheus_jax.core.manifest import Manifest
 
@@ -78,14 +79,6 @@ def record_path(root: Path, split: str, shard: int) -> Path:
 
 def patch_path(root: Path, split: str, shard: int) -> Path:
     return Path(root) / "patches" / f"{split}-{shard:05d}.zarr"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def sha256_tree(path: Path) -> str:

@@ -33,26 +33,26 @@ class Objective:
         """Canonical features ``[B, F]`` → group entries ``[B, S]``."""
         return omics[m][:, self.entry[m]]
 
-    def parts(self, preds: dict, omics: dict, plan: KeepPlan, available: jax.Array,
-              row_valid: jax.Array | None = None) -> dict[str, tuple[jax.Array, jax.Array]]:
-        """{m: (Σ masked group errors, number of masked groups)} over the batch."""
+    def loss_masks(self, plan: KeepPlan, available: jax.Array,
+                   row_valid: jax.Array | None = None) -> dict[str, jax.Array]:
+        """{m: ``[B, G_m]``} 1 where a group counts in the loss: masked, of an available modality
+        (and, with ``row_valid``, a real row)."""
         out, off = {}, 0
         for i, (m, g) in enumerate(zip(self.modalities, self.counts)):
-            errors = group_l1(preds[m], self.targets(omics, m), jnp.asarray(self.group_mean[m]))
             mask = plan.token_mask[:, off: off + g] * available[:, i: i + 1]
-            if row_valid is not None:
-                mask = mask * row_valid[:, None]
-            out[m] = masked_sum_count(errors, mask)
+            out[m] = mask if row_valid is None else mask * row_valid[:, None]
             off += g
         return out
 
+    def parts(self, preds: dict, omics: dict, plan: KeepPlan, available: jax.Array,
+              row_valid: jax.Array | None = None) -> dict[str, tuple[jax.Array, jax.Array]]:
+        """{m: (Σ masked group errors, number of masked groups)} over the batch."""
+        return {m: masked_sum_count(group_l1(preds[m], self.targets(omics, m), jnp.asarray(self.group_mean[m])), mask)
+                for m, mask in self.loss_masks(plan, available, row_valid).items()}
+
     def counts_of(self, plan: KeepPlan, available: jax.Array) -> dict[str, jax.Array]:
         """{m: number of masked groups} over the batch (the loss's normalisers)."""
-        out, off = {}, 0
-        for i, (m, g) in enumerate(zip(self.modalities, self.counts)):
-            out[m] = jnp.sum(plan.token_mask[:, off: off + g] * available[:, i: i + 1]).astype(jnp.float32)
-            off += g
-        return out
+        return {m: jnp.sum(mask).astype(jnp.float32) for m, mask in self.loss_masks(plan, available).items()}
 
     @staticmethod
     def reduce(parts: dict, norm: dict | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
