@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -33,6 +34,9 @@ import grain
 import h5py
 import numpy as np
 import pandas as pd
+
+
+from train_step import cpu_model  # noqa: E402  (the script's folder is on sys.path)
 
 
 class AuthorsSample(grain.transforms.Map):
@@ -111,6 +115,78 @@ def _warm(paths: list[Path]) -> tuple[float, float]:
             while block := f.read(1 << 24):
                 total += len(block)
     return total / 1e9, total / 1e9 / (time.perf_counter() - t)
+
+
+def raw_read_bandwidth(paths: list[Path], batch_bytes: int, passes: int = 3) -> float:
+    """Bytes/s of one thread reading ``paths`` (already in the page cache) one after the
+    other into a batch-sized buffer, each file at the next offset (wrapping): the page-cache
+    limit of building batches in memory, without any sampling or decoding. Best of ``passes``."""
+    buf = memoryview(bytearray(batch_bytes))
+    best = 0.0
+    for _ in range(passes):
+        total, pos, t = 0, 0, time.perf_counter()
+        for p in paths:
+            with open(p, "rb", buffering=0) as f:
+                size = os.fstat(f.fileno()).st_size
+                if pos + size > batch_bytes:
+                    pos = 0
+                n = f.readinto(buf[pos: pos + size])
+                total, pos = total + n, pos + n
+        best = max(best, total / (time.perf_counter() - t))
+    return best
+
+
+def per_sample_costs(ds_dir: Path, num_patches: int, samples: int = 200) -> dict:
+    """Microseconds per sample of each piece of the host work, one thread: record decode,
+    the span draw, the patch read (direct `records.RawChunks` reads, and the same spans
+    through TensorStore for comparison), omics arrays, and allocating a sample's batch row
+    (first touch of fresh memory)."""
+    import tensorstore as ts
+
+    from morpheus_jax.data import pipeline
+    from morpheus_jax.data import records as rec
+
+    manifest = rec.load_manifest(ds_dir)
+    paths = [str(ds_dir / p) for p in manifest.shard_paths("pretrain")]
+    source = grain.sources.ArrayRecordDataSource(paths)
+    raw_records = [source[i] for i in range(len(source))]
+    records = [rec.decode_record(r) for r in raw_records]
+    rng = np.random.default_rng(0)
+    dim, dtype = manifest.patches.dim, rec.patch_numpy_dtype(manifest.patches.dtype)
+    out = np.empty((num_patches, dim), dtype)
+
+    def us(fn) -> float:
+        fn(0)
+        t = time.perf_counter()
+        for i in range(samples):
+            fn(i)
+        return round((time.perf_counter() - t) / samples * 1e6, 1)
+
+    def spans(r):
+        return pipeline.draw_spans(r["patch_offset"], r["patch_count"], num_patches, 128, rng)
+
+    def direct(i):
+        r = records[i % len(records)]
+        raw, row = pipeline._raw(rec.patch_path(ds_dir, r["split"], r["patch_shard"])), 0
+        for a, b in spans(r):
+            raw.read_into(a, b, out[row: row + b - a])
+            row += b - a
+
+    def tensorstore(i):
+        r = records[i % len(records)]
+        store, row, pending = pipeline._store(rec.patch_path(ds_dir, r["split"], r["patch_shard"])), 0, []
+        for a, b in spans(r):
+            pending.append(ts.array(out[row: row + b - a], copy=False, write=True).write(store[a:b]))
+            row += b - a
+        for p in pending:
+            p.result()
+
+    return {"decode_record": us(lambda i: rec.decode_record(raw_records[i % len(raw_records)])),
+            "draw_spans": us(lambda i: spans(records[i % len(records)])),
+            "patch_read_direct": us(direct), "patch_read_tensorstore": us(tensorstore),
+            "omics_arrays": us(lambda i: pipeline.omics_arrays(records[i % len(records)], ("rna", "dnam", "cnv"))),
+            "allocate_row": us(lambda i: np.empty((num_patches, dim), dtype).fill(0)),
+            "sample_bytes": out.nbytes}
 
 
 def _h5_read_bandwidth(raw: Path, rows: list[dict]) -> float:
@@ -233,7 +309,15 @@ def main(argv=None) -> dict:
     authors = _time(iter(a_it), args.authors_batches, warmup=1)
 
     sample_bytes = args.num_patches * 1536 * 2
+    raw_bps = raw_read_bandwidth([p for p in zarr_files if p.name != "zarr.json" and p.parts[-4].startswith("pretrain-")],
+                                 args.batch * sample_bytes)
+    costs = per_sample_costs(ds_dir, args.num_patches)
     result = {
+        "cpu_model": cpu_model(), "raw_read_bytes_per_s": round(raw_bps),
+        "loader_bytes_per_s": round(threads[1] * 1e6), "loader_vs_raw_read": round(threads[1] * 1e6 / raw_bps, 3),
+        "workers_bytes_per_s": round(ours[1] * 1e6), "workers_vs_raw_read": round(ours[1] * 1e6 / raw_bps, 3),
+        "loader_samples_per_s_per_core": round(threads[0] / max(len(os.sched_getaffinity(0)), 1), 1),
+        "per_sample_us": costs,
         "patients": len(rows), "mean_bag_mb_float32": round(bag_mb, 1), "page_cache_gb": round(gb, 2),
         "sequential_read_gb_per_s": round(seq, 2), "h5_read_mb_per_s": round(h5_mb_s, 1),
         "batch": args.batch, "workers": args.workers, "num_patches": args.num_patches,
@@ -256,7 +340,10 @@ def main(argv=None) -> dict:
     else:
         print(f"cohort: {len(rows)} pretraining patients, {bag_mb:.0f} MB of float32 patches per patient "
               f"({gb:.1f} GB in the page cache)")
-        print(f"raw sequential read: {seq:.2f} GB/s (files), {h5_mb_s:.0f} MB/s (h5py, whole datasets)")
+        print(f"raw sequential read: {seq:.2f} GB/s (files), {h5_mb_s:.0f} MB/s (h5py, whole datasets); "
+              f"the patch files into a batch-sized buffer {raw_bps / 1e9:.2f} GB/s")
+        print(f"loader (reader threads) {threads[1] / 1e3:.2f} GB/s = {result['loader_vs_raw_read']:.0%} of the raw "
+              f"read; worker processes {result['workers_vs_raw_read']:.0%}; per sample (us): {costs}")
         print(f"ours:    {ours[0]:8.1f} samples/s  {ours[1]:8.1f} MB/s  {ours[2] / 1e6:6.2f} MB read per sample "
               f"({result['ours_bytes_ratio']}x the sample's {sample_bytes / 1e6:.2f} MB), {args.workers} worker processes")
         print(f"ours:    {threads[0]:8.1f} samples/s  {threads[1]:8.1f} MB/s  (in-process, {max(args.workers, 1)} reader "

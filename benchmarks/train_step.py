@@ -96,26 +96,28 @@ def jax_step(args, groups) -> dict:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     mem = compiled.memory_analysis()
-    for _ in range(2):
-        state, m = compiled(state, batch)
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(args.steps):
-        t = time.perf_counter()
-        state, m = compiled(state, batch)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t)
     flops = step_flops(mcfg, layouts, b, n, 0.75)
-    med = statistics.median(times)
-    return {
-        "jax_step_s": med, "jax_samples_per_s": b / med, "jax_compile_s": compile_s,
+    info = {
+        "jax_compile_s": compile_s,
         "jax_temp_bytes": getattr(mem, "temp_size_in_bytes", None),
         "jax_argument_bytes": getattr(mem, "argument_size_in_bytes", None),
         "flops_per_step": flops["useful"], "flops_per_step_executed": flops["executed"],
         "xla_flops_per_step": float(cost.get("flops", float("nan"))),
-        "achieved_flops_per_s": flops["useful"] / med, "jax_loss": float(m["loss"]),
-        "flops_components": {k: v for k, v in flops.get("components", {}).items()} if isinstance(flops.get("components"), dict) else None,
     }
+    holder = {"state": state}
+
+    def one() -> float:
+        holder["state"], m = compiled(holder["state"], batch)
+        return float(m["loss"])
+
+    def parts() -> dict:
+        from step_parts import part_times
+        kept = int(sum(lay.num_groups for lay in layouts.values()) * 0.25)
+        fresh_model = init_model(mcfg, layouts, 0)      # the step donated the first one's arrays
+        fresh = st.init_state(codec.flatten(fresh_model), tx, 0)
+        return part_times(fresh_model, batch, fresh, tx, kept)
+
+    return info, one, parts
 
 
 def torch_step(args, groups) -> dict:
@@ -169,45 +171,79 @@ def torch_step(args, groups) -> dict:
         opt.step()
         return float(loss)
 
-    one()
-    times = []
-    for _ in range(args.torch_steps):
-        t = time.perf_counter()
-        one()
-        times.append(time.perf_counter() - t)
-    med = statistics.median(times)
-    return {"torch_step_s": med, "torch_samples_per_s": b / med, "torch_threads": args.threads}
+    return one
+
+
+def cpu_model() -> str:
+    """The CPU model as /proc/cpuinfo names it (``platform.processor()`` elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "unknown"
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=32, help="samples per step")
     ap.add_argument("--patches", type=int, default=1024, help="patches per sample")
-    ap.add_argument("--steps", type=int, default=8, help="timed JAX steps (median)")
-    ap.add_argument("--torch-steps", type=int, default=3, help="timed PyTorch steps (median)")
+    ap.add_argument("--steps", type=int, default=10, help="timed JAX steps (median)")
+    ap.add_argument("--torch-steps", type=int, default=5, help="timed PyTorch steps (median), interleaved "
+                    "with the JAX steps so both see the same machine")
     ap.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="JAX compute dtype")
     ap.add_argument("--buckets", type=int, default=4, help="model.group_buckets")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
+    ap.add_argument("--no-parts", action="store_true", help="skip the per-part timings")
     ap.add_argument("--json", action="store_true", help="print one JSON line")
     args = ap.parse_args(argv)
     import jax
     groups = paper_groups()
-    result = {"device": jax.devices()[0].device_kind, "batch": args.batch, "patches": args.patches,
-              "dtype": args.dtype, "buckets": args.buckets}
+    result = {"device": jax.devices()[0].device_kind, "cpu_model": cpu_model(), "batch": args.batch,
+              "patches": args.patches, "dtype": args.dtype, "buckets": args.buckets}
     result["matmul_peak_flops_per_s"] = matmul_rate()
-    result.update(jax_step(args, groups))
+    info, jax_one, parts = jax_step(args, groups)
+    result.update(info)
+    torch_one = None if args.no_torch else torch_step(args, groups)
+    jax_one(), jax_one()                                  # warm-up
+    if torch_one:
+        torch_one()
+    # Rounds of JAX steps and one PyTorch step: a slower spell of the machine hits both.
+    rounds = max(1, args.torch_steps if torch_one else 1)
+    per_round = max(1, -(-args.steps // rounds))
+    jax_times, torch_times, loss = [], [], None
+    for _ in range(rounds):
+        for _ in range(per_round):
+            t = time.perf_counter()
+            loss = jax_one()
+            jax_times.append(time.perf_counter() - t)
+        if torch_one:
+            torch_times.append(timed(torch_one))
+    med = statistics.median(jax_times)
+    result.update({"jax_step_s": med, "jax_samples_per_s": args.batch / med, "jax_loss": loss,
+                   "achieved_flops_per_s": info["flops_per_step"] / med})
     result["matmul_ratio"] = result["achieved_flops_per_s"] / result["matmul_peak_flops_per_s"]
-    if not args.no_torch:
-        result.update(torch_step(args, groups))
-        result["ratio"] = result["jax_samples_per_s"] / result["torch_samples_per_s"]
+    if torch_one:
+        tmed = statistics.median(torch_times)
+        result.update({"torch_step_s": tmed, "torch_samples_per_s": args.batch / tmed,
+                       "torch_threads": args.threads, "ratio": tmed / med})
+    if not args.no_parts:
+        result["parts_s"] = parts()
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    result.pop("flops_components", None)
     if args.json:
         print(json.dumps(result))
         return result
     g = 1e9
-    print(f"device: {result['device']}, batch {args.batch} x {args.patches} patches, {args.dtype}")
+    print(f"device: {result['device']} ({result['cpu_model']}), batch {args.batch} x {args.patches} patches, {args.dtype}")
     print(f"matmul rate (float32 {2048}^3 jnp.dot): {result['matmul_peak_flops_per_s'] / g:.1f} GFLOP/s")
     print(f"jax:   {result['jax_step_s']:.3f} s/step  {result['jax_samples_per_s']:.1f} samples/s  "
           f"compile {result['jax_compile_s']:.1f} s")
@@ -222,6 +258,8 @@ def main(argv=None) -> dict:
         print(f"torch: {result['torch_step_s']:.3f} s/step  {result['torch_samples_per_s']:.1f} samples/s "
               f"({args.threads} threads, eager, per-group modules)")
         print(f"ratio jax / torch: {result['ratio']:.2f}x")
+    for name, sec in result.get("parts_s", {}).items():
+        print(f"part {name:14s} {1000 * sec:7.1f} ms (forward + backward, compiled alone)")
     return result
 
 

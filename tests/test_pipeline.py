@@ -185,3 +185,59 @@ def test_train_fraction_subsets_are_nested_and_exclusive(dataset):
                                 manifest=manifest, fraction=0.3)
     seen = [int(r) for k in range(3 * len(small) // 4 + 1) for r in ds[k]["record"]]
     assert set(seen) == set(small.tolist())
+
+
+def test_direct_chunk_reads_equal_tensorstore_and_name_a_damaged_chunk(dataset, tmp_path, monkeypatch):
+    """`records.RawChunks` (what training bags read) gives TensorStore's rows, byte for byte,
+    over spans inside one chunk and across chunks; an absent chunk reads as zeros (zarr's fill
+    value) as in TensorStore; a truncated or unreadable chunk file is a DatasetError naming it; an array in another layout is read through TensorStore."""
+    import os
+    import shutil
+
+    from morpheus_jax.core.errors import DatasetError
+    from morpheus_jax.data import records as rec
+
+    root, manifest = dataset
+    path = rec.patch_path(root, "pretrain", 0)
+    raw = rec.RawChunks.open(path)
+    assert raw is not None and raw.chunk_rows == manifest.patches.chunk_rows
+    c = raw.chunk_rows
+    store = pipeline._store(path)
+    for a, b in [(0, 1), (3, c), (c - 2, c + 5), (1, 2 * c + 4), (store.shape[0] - 7, store.shape[0])]:
+        out = np.empty((b - a, DIM), store.dtype.numpy_dtype)
+        touched = raw.read_into(a, b, out)
+        np.testing.assert_array_equal(out, store[a:b].read().result())
+        assert touched == (-(-b // c) - a // c) * c * raw.row_bytes
+    # Batches: the direct path and TensorStore (layout not recognised) give the same arrays.
+    ds = pipeline.train_dataset(root, "pretrain", global_batch=4, num_patches=24, seed=3, modalities=MODS,
+                                manifest=manifest)
+    direct = ds[1]
+    monkeypatch.setattr(pipeline, "_raw", lambda p: None)
+    np.testing.assert_array_equal(direct["wsi"], ds[1]["wsi"])
+    np.testing.assert_array_equal(direct["bytes_read"], ds[1]["bytes_read"])
+    monkeypatch.undo()
+    # Damage: a copy of the array with one chunk truncated, another removed.
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(path, copy)
+    damaged = rec.RawChunks.open(copy)
+    with open(damaged.chunk_file(1), "r+b") as f:
+        f.truncate(raw.row_bytes * 3)
+    out = np.empty((c, DIM), store.dtype.numpy_dtype)
+    with pytest.raises(DatasetError, match=r"c/1/0: .* truncated"):
+        damaged.read_into(c, 2 * c, out)
+    (copy / "c" / "2" / "0").unlink()                 # zarr: an absent chunk is all fill value, as TensorStore reads it
+    rows = store.shape[0] - 2 * c
+    damaged.read_into(2 * c, store.shape[0], out[:rows])
+    assert not out[:rows].any()
+    import tensorstore as ts
+    np.testing.assert_array_equal(out[:rows], ts.open(rec.zarr_spec(copy)).result()[2 * c:].read().result())
+    (copy / "c" / "0" / "0").chmod(0)
+    if os.access(copy / "c" / "0" / "0", os.R_OK):      # root reads anything
+        (copy / "c" / "0" / "0").unlink()
+        (copy / "c" / "0" / "0").mkdir()
+    with pytest.raises(DatasetError, match=r"c/0/0: cannot read a patch chunk"):
+        damaged.read_into(0, 2, out[:2])
+    meta = json.loads((copy / "zarr.json").read_text())
+    meta["codecs"] = [{"name": "bytes", "configuration": {"endian": "big"}}]
+    (copy / "zarr.json").write_text(json.dumps(meta))
+    assert rec.RawChunks.open(copy) is None

@@ -35,6 +35,7 @@ from morpheus_jax.data import records as rec
 
 # Per process: opened patch arrays, keyed by path (workers open their own).
 _STORES: dict[str, Any] = {}
+_RAW: dict[str, rec.RawChunks | None] = {}
 
 
 def _store(path: Path):
@@ -42,6 +43,13 @@ def _store(path: Path):
     if key not in _STORES:
         _STORES[key] = ts.open(rec.zarr_spec(path), read=True).result()
     return _STORES[key]
+
+
+def _raw(path: Path) -> rec.RawChunks | None:
+    key = str(path)
+    if key not in _RAW:
+        _RAW[key] = rec.RawChunks.open(path)
+    return _RAW[key]
 
 
 def read_rows(root: Path, split: str, shard: int, start: int, stop: int) -> np.ndarray:
@@ -103,14 +111,23 @@ def sample_patches(root: Path, record: dict, num_patches: int, rng: np.random.Ge
     None), and the bytes of the chunks read.
 
     A bag of at least ``num_patches`` rows gives a fresh random subset of its stored rows
-    (`draw_spans`), each span copied by TensorStore straight into its part of ``out`` (the
-    reads issued together, then awaited); not reshuffled (the WSI tokenizer is
+    (`draw_spans`), each span read straight into its part of ``out`` (`records.RawChunks`:
+    one ``preadv`` per chunk piece; arrays in another layout through TensorStore, the reads
+    issued together, then awaited); not reshuffled (the WSI tokenizer is
     permutation-invariant). A smaller bag is topped up by sampling with replacement, then
     shuffled.
     """
     off, n = record["patch_offset"], record["patch_count"]
     shard, split = record["patch_shard"], record["split"]
-    store = _store(rec.patch_path(root, split, shard))
+    path = rec.patch_path(root, split, shard)
+    raw = _raw(path)
+    if n >= num_patches and raw is not None and out is not None:
+        row, touched = 0, 0
+        for a, b in draw_spans(off, n, num_patches, raw.chunk_rows, rng):
+            touched += raw.read_into(a, b, out[row: row + b - a])
+            row += b - a
+        return out, touched
+    store = _store(path)
     if out is None:
         out = np.empty((num_patches, store.shape[1]), store.dtype.numpy_dtype)
     chunk_rows = store.chunk_layout.read_chunk.shape[0]

@@ -35,11 +35,14 @@ def model_spec(cfg: Config, manifest: Manifest) -> ModelSpec:
 
 @dataclasses.dataclass
 class Run:
-    """A run's static pieces: data, layouts, mesh, codec, optimizer, shardings, the step."""
+    """A run's static pieces: data, layouts, mesh, codec, optimizer, shardings, the step.
+    ``root``/``manifest`` are None for a run planned without a dataset (`plan_run`)."""
 
     cfg: Config
-    root: Path
-    manifest: Manifest
+    root: Path | None
+    manifest: Manifest | None
+    patch_dim: int
+    patch_dtype: str
     layouts: dict[str, GroupLayout]
     num_train: int
     steps: int
@@ -71,13 +74,13 @@ class Run:
 
     def abstract_batch(self) -> dict:
         shapes = batch.shapes(self.cfg.train.global_batch_size, self.cfg.data.num_patches,
-                              self.manifest.patches.dim, records.patch_numpy_dtype(self.manifest.patches.dtype),
+                              self.patch_dim, records.patch_numpy_dtype(self.patch_dtype),
                               {m: lay.num_features for m, lay in self.layouts.items()})
         return batch.abstract(shapes, self.batch_shardings)
 
-    def compile_step(self):
-        """The train step, jitted with explicit shardings and donated state, compiled ahead
-        of time; its memory analysis is logged."""
+    def jitted_step(self):
+        """The train step, jitted with explicit shardings and donated state (not compiled:
+        `compile_step` compiles it here, `jax.export` lowers it for other platforms)."""
         step = make_train_step(self.codec, self.tx, self.schedule, self.layouts, self.cfg.masking.ratio,
                                skip_nonfinite=self.cfg.train.nonfinite == "skip",
                                accum_steps=self.cfg.train.grad_accum_steps)
@@ -86,9 +89,12 @@ class Run:
             with shd.activation_sharding(self.mesh, self.rules):
                 return step(state, batch)
 
-        jitted = jax.jit(traced, in_shardings=(self.state_shardings, self.batch_shardings),
-                         out_shardings=(self.state_shardings, None), donate_argnums=0)
-        compiled = jitted.lower(self.abstract_state(), self.abstract_batch()).compile()
+        return jax.jit(traced, in_shardings=(self.state_shardings, self.batch_shardings),
+                       out_shardings=(self.state_shardings, None), donate_argnums=0)
+
+    def compile_step(self):
+        """`jitted_step` compiled ahead of time; its memory analysis is logged."""
+        compiled = self.jitted_step().lower(self.abstract_state(), self.abstract_batch()).compile()
         mem = compiled.memory_analysis()
         if mem is not None:
             gb = 1 / 2**30
@@ -111,10 +117,18 @@ def build_run(cfg: Config) -> Run:
         raise ConfigError(f"model.wsi_dim={cfg.model.wsi_dim} but {root} holds {manifest.patches.dim}-dim patch "
                           f"features (set model.wsi_dim={manifest.patches.dim})")
     layouts = manifest.layouts(cfg.model.modalities, cfg.model.group_buckets)
-    num_train = pipeline.num_train_records(manifest, cfg.data.train_fraction)
+    return plan_run(cfg, layouts, patch_dim=manifest.patches.dim, patch_dtype=manifest.patches.dtype,
+                    num_train=pipeline.num_train_records(manifest, cfg.data.train_fraction), root=root,
+                    manifest=manifest)
+
+
+def plan_run(cfg: Config, layouts: dict[str, GroupLayout], *, patch_dim: int, patch_dtype: str, num_train: int,
+             root: Path | None = None, manifest: Manifest | None = None, devices=None) -> Run:
+    """The run of ``cfg`` on ``layouts`` and patches of ``patch_dim`` × ``patch_dtype``
+    (`build_run` takes them from a dataset), on ``devices`` (default all)."""
     steps = st.total_steps(cfg, num_train)
     spe = pipeline.steps_per_epoch(num_train, cfg.train.global_batch_size)
-    mesh = shd.make_mesh(cfg.mesh)
+    mesh = shd.make_mesh(cfg.mesh, devices)
     rules = cfg.mesh.rules
     gbs = cfg.train.global_batch_size
     accum = cfg.train.grad_accum_steps
@@ -129,4 +143,4 @@ def build_run(cfg: Config) -> Run:
     psh = shd.tree_shardings(codec.axes, codec.shapes, rules, mesh)
     ssh = shd.state_shardings(_abstract_state(codec, tx, cfg.seed), psh, codec.shapes, mesh)
     bsh = batch.shardings(mesh, rules, layouts)
-    return Run(cfg, root, manifest, layouts, num_train, steps, spe, mesh, codec, schedule, tx, psh, ssh, bsh, model)
+    return Run(cfg, root, manifest, patch_dim, patch_dtype, layouts, num_train, steps, spe, mesh, codec, schedule, tx, psh, ssh, bsh, model)

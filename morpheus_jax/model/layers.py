@@ -84,10 +84,17 @@ def dropout(x: Array, rate: float, noise: Array | None) -> Array:
 def einsum_f32(spec: str, a: Array, b: Array) -> Array:
     """``jnp.einsum`` accumulating and returning float32 whatever the operands' dtype
     (bfloat16 operands multiply in bfloat16 on GPU/TPU). XLA:CPU has no bfloat16 x bfloat16
-    -> float32 dot, so there the operands are widened first (exact: bf16 -> f32 is lossless)."""
-    if jnp.bfloat16 in (a.dtype, b.dtype) and jax.default_backend() == "cpu":
-        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+    -> float32 dot, so there the operands are widened first (exact: bf16 -> f32 is lossless).
+    The choice is made per platform when the program is lowered (`lax.platform_dependent`),
+    not from the tracing host's backend: a step exported from a CPU host for TPU keeps its
+    bfloat16 products."""
+    def native(a, b):
+        return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+    if jnp.bfloat16 not in (a.dtype, b.dtype):
+        return native(a, b)
+    return jax.lax.platform_dependent(
+        a, b, cpu=lambda a, b: native(a.astype(jnp.float32), b.astype(jnp.float32)), default=native)
 
 
 class Dense(nnx.Module):
