@@ -106,3 +106,64 @@ def test_fit_command_on_a_table(tmp_path, capsys):
     bad.write_text("params,loss\n1,2\n")
     assert _cli(["scaling", "fit", "--table", str(bad), "--out", str(out)]) == 2
     assert "samples" in capsys.readouterr().err
+
+
+def _ladder_table(path, widths, datas, loss_of, noise=0.01, seed=0):
+    rng = np.random.default_rng(seed)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", "params", "samples", "loss"])
+        for i, n in enumerate(widths):
+            for j, d in enumerate(datas):
+                w.writerow([f"w{i}-d{j}", n, d, loss_of(n, d) * np.exp(rng.normal(0.0, noise))])
+    return path
+
+
+def test_forecast_of_a_held_out_run_from_a_ladder(tmp_path, capsys):
+    """fit → forecast: a 4 × 3 ladder drawn from a known law (1 % scatter) forecasts a run at
+    2× the widest model and 2× the longest training within its noise, inside the interval."""
+    widths, datas = np.logspace(5, 6.5, 4), np.logspace(5, 6.5, 3)
+    table = _ladder_table(tmp_path / "ladder.csv", widths, datas, TRUTH.loss)
+    n, d = 2 * widths[-1], 2 * datas[-1]
+    assert _cli(["scaling", "forecast", "--table", table, "--params", n, "--samples", d, "--bootstrap", 40,
+                 "--json"]) == 0
+    captured = capsys.readouterr()
+    fc = json.loads(captured.out)
+    assert "not monotone" not in captured.err
+    truth = float(TRUTH.loss(n, d))
+    lo, hi = fc["interval"]
+    assert fc["loss"] == pytest.approx(truth, rel=0.03)
+    assert lo < truth < hi and lo <= fc["loss"] <= hi and hi / lo < 1.3
+    assert fc["params"] == n and fc["samples"] == d and fc["fit"]["n_points"] == 12
+    # The human form names the numbers; bad arguments are one line, exit 2.
+    assert _cli(["scaling", "forecast", "--table", table, "--params", n, "--samples", d, "--bootstrap", 8]) == 0
+    assert "prediction interval" in capsys.readouterr().out
+    assert _cli(["scaling", "forecast", "--table", table, "--params", -1, "--samples", d]) == 2
+    assert "--params" in capsys.readouterr().err
+
+
+def test_fit_warns_when_a_wider_model_ends_higher(tmp_path, capsys):
+    """A ladder whose widest model has the highest loss at one data size (as an untuned rate
+    gives): `scaling fit` and `scaling forecast` warn, naming the run and the best smaller run
+    it lost to."""
+    widths, datas = np.logspace(5, 6.5, 4), np.logspace(5, 6.5, 3)
+
+    def bad(n, d):
+        return TRUTH.loss(n, d) * (1.25 if (n == widths[-1] and d == datas[0]) else 1.0)
+
+    table = _ladder_table(tmp_path / "bad.csv", widths, datas, bad, noise=0.0)
+    assert _cli(["scaling", "fit", "--table", table, "--out", tmp_path / "fit", "--bootstrap", 4, "--no-plots"]) == 0
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if "not monotone in width" in x]
+    assert len(lines) == 1 and "w3-d0" in lines[0] and "smaller w2-d0" in lines[0], err
+    assert json.loads((tmp_path / "fit" / "fit.json").read_text())["width_violations"] == [
+        lines[0].split("not monotone in width: ")[1].split(" (an untuned")[0]]
+    assert _cli(["scaling", "forecast", "--table", table, "--params", 1e7, "--samples", 1e7, "--bootstrap", 0]) == 0
+    assert "w3-d0" in capsys.readouterr().err
+    # Unit: equal data only; a tie is not a violation.
+    rows = [{"run": "a", "params": 1.0, "samples": 10.0, "loss": 2.0}, {"run": "b", "params": 2.0, "samples": 10.0,
+                                                                          "loss": 2.0},
+            {"run": "c", "params": 4.0, "samples": 20.0, "loss": 3.0}]
+    assert ft.width_violations(rows) == []
+    rows[1]["loss"] = 2.1
+    assert len(ft.width_violations(rows)) == 1 and ft.width_violations(rows)[0].startswith("at 10 samples, b")

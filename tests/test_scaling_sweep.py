@@ -148,6 +148,10 @@ def test_small_sweep_runs_skips_and_resumes(tiny_dataset, tmp_path, capsys):
     sw.write_table(rows, tmp_path / "t.csv")
     assert [r["loss"] for r in sw.read_table(tmp_path / "t.csv")] == [r["loss"] for r in rows]
     capsys.readouterr()
+    # forecast reads the runs folder as fit does; two runs cannot pin a law: one line, exit 2.
+    assert _cli(["scaling", "forecast", str(runs), "--params", str(2 * rows[0]["params"]), "--samples", "80",
+                 "--bootstrap", "4"]) == 2
+    assert "needs at least 5 runs (finished runs or table rows), got 2" in capsys.readouterr().err
 
     # Finished runs are skipped; an interrupted one (checkpoints, no final.json) resumes.
     (runs / "half" / "final.json").unlink()
@@ -165,7 +169,7 @@ def test_every_flag_has_help():
     register(sub)
     nested = next(a for a in sub.choices["scaling"]._actions if a.dest == "scaling_command")
     parsers = [sub.choices["sweep"], sub.choices["scaling"], *nested.choices.values()]
-    assert set(nested.choices) == {"fit", "flops"}
+    assert set(nested.choices) == {"fit", "forecast", "flops"}
     for parser in parsers:
         text = parser.format_help()
         for action in parser._actions:

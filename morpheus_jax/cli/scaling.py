@@ -1,4 +1,4 @@
-"""`morpheus sweep` and `morpheus scaling {fit,flops}`: thin shells over `morpheus_jax.apps.scaling`.
+"""`morpheus sweep` and `morpheus scaling {fit,forecast,flops}`: thin shells over `morpheus_jax.apps.scaling`.
 
 The main parser adds them with ``register(subparsers)``.
 """
@@ -42,9 +42,7 @@ def cmd_sweep(args) -> int:
     return 1 if sw.submit(cmds) else 0
 
 
-def cmd_fit(args) -> int:
-    from morpheus_jax.apps.scaling import fit as ft  # lazy: start-up time
-    from morpheus_jax.apps.scaling import plots  # lazy: start-up time
+def _rows(args) -> list[dict]:
     from morpheus_jax.apps.scaling import sweep as sw  # lazy: start-up time
 
     if bool(args.runs_dir) == bool(args.table):
@@ -52,9 +50,49 @@ def cmd_fit(args) -> int:
     rows = sw.collect(args.runs_dir, args.group_sizes) if args.runs_dir else sw.read_table(args.table)
     if args.params_column not in rows[0]:
         raise ConfigError(f"the table has no column {args.params_column!r}")
-    relation = ft.ComputeRelation() if args.compute == "6nd" else None
+    return rows
+
+
+def _fit(args, rows, relation=None):
+    """The fit of ``rows``, warning (stderr) about every wider run that ends above a smaller one."""
+    from morpheus_jax.apps.scaling import fit as ft  # lazy: start-up time
+    from morpheus_jax.core import log  # lazy: start-up time
+
     report, boot = ft.fit_table(rows, params_column=args.params_column, n_boot=args.bootstrap, seed=args.seed,
                                 confidence=args.confidence, relation=relation)
+    for line in report["width_violations"]:
+        log.warning(f"not monotone in width: {line} (an untuned learning rate or an unconverged run?)")
+    return report, boot
+
+
+def cmd_forecast(args) -> int:
+    from morpheus_jax.apps.scaling import fit as ft  # lazy: start-up time
+
+    rows = _rows(args)
+    report, boot = _fit(args, rows)
+    law = ft.Law(report["E"], report["A"], report["B"], report["alpha"], report["beta"])
+    fc = ft.forecast(law, boot, args.params, args.samples, report["residuals_log"], confidence=args.confidence,
+                     seed=args.seed)
+    fc["fit"] = {k: report[k] for k in ("E", "A", "B", "alpha", "beta", "n_points", "residual_rms_log")}
+    if args.json:
+        print(json.dumps(fc))
+        return 0
+    interval = (f", {fc['confidence']:.0%} prediction interval [{fc['interval'][0]:.4g}, {fc['interval'][1]:.4g}]"
+                if "interval" in fc else " (no interval: --bootstrap 0)")
+    print(f"forecast at N = {args.params:.4g} params, D = {args.samples:.4g} samples: loss {fc['loss']:.4g}{interval}; "
+          f"from L(N, D) = {law.E:.4g} + {law.A:.4g}/N^{law.alpha:.3f} + {law.B:.4g}/D^{law.beta:.3f} on "
+          f"{report['n_points']} runs")
+    return 0
+
+
+def cmd_fit(args) -> int:
+    from morpheus_jax.apps.scaling import fit as ft  # lazy: start-up time
+    from morpheus_jax.apps.scaling import plots  # lazy: start-up time
+    from morpheus_jax.apps.scaling import sweep as sw  # lazy: start-up time
+
+    rows = _rows(args)
+    relation = ft.ComputeRelation() if args.compute == "6nd" else None
+    report, boot = _fit(args, rows, relation)
     out = Path(args.out)
     sw.write_table(rows, out / "table.csv")
     write_json(out / "fit.json", report)
@@ -103,6 +141,20 @@ def cmd_flops(args) -> int:
     return 0
 
 
+def _source_args(f) -> None:
+    """The runs (or table) a fit reads, and the fit's settings: shared by fit and forecast."""
+    f.add_argument("runs_dir", nargs="?",
+                   help="folder of runs (any depth): each finished run (final.json) gives one row")
+    f.add_argument("--table", help="instead of a runs folder: a CSV with columns params, samples, loss "
+                                   "(and optionally flops: training FLOPs of the run; run: its name)")
+    f.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals (default 200)")
+    f.add_argument("--confidence", type=float, default=0.95, help="confidence level of the intervals (default 0.95)")
+    f.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling (default 0)")
+    f.add_argument("--params-column", default="params",
+                   help="the column used as N: params (default, all parameters) or params_without_group_mlps")
+    f.add_argument("--group-sizes", help="JSON {modality: [group sizes]} for runs whose dataset is not reachable")
+
+
 def register(subparsers) -> None:
     """Add ``sweep`` and ``scaling`` (``fit``, ``flops``) to the ``morpheus`` subcommands."""
     s = subparsers.add_parser(
@@ -128,34 +180,39 @@ def register(subparsers) -> None:
                                          "ladder's launch.accelerator, else launch/tpu_vm.sh's default)")
     s.set_defaults(fn=cmd_sweep)
 
-    s = subparsers.add_parser("scaling", help="scaling laws: fit L(N, D) to runs, count FLOPs and parameters",
+    s = subparsers.add_parser("scaling", help="scaling laws: fit L(N, D) to runs, forecast a run, count FLOPs "
+                                               "and parameters",
                               description="Scaling-law tools. `scaling fit` fits L(N, D) = E + A/N^alpha + "
-                                          "B/D^beta to a sweep's runs or a table; `scaling flops` prints the "
-                                          "analytic training FLOPs and parameter counts of a config.")
+                                          "B/D^beta to a sweep's runs or a table; `scaling forecast` prints the "
+                                          "fit's loss at N params and D samples with a prediction interval; "
+                                          "`scaling flops` prints the analytic training FLOPs and parameter "
+                                          "counts of a config.")
     sub = s.add_subparsers(dest="scaling_command", metavar="SUBCOMMAND", required=True,
-                           help="fit (law, intervals, frontier, plots) or flops (FLOP and parameter counts)")
+                           help="fit (law, intervals, frontier, plots), forecast (a run's loss from a fit) or flops "
+                                "(FLOP and parameter counts)")
 
     f = sub.add_parser("fit", help="fit L(N, D) = E + A/N^alpha + B/D^beta with bootstrap intervals and plots",
                        description="Fit Chinchilla's parametric law (Huber loss on log residuals, L-BFGS-B from a "
                                    "grid of initialisations), bootstrap confidence intervals and the "
                                    "compute-optimal frontier. Writes OUT/fit.json, OUT/table.csv, "
                                    "OUT/loss_vs_compute.png and OUT/optimal_allocation.png.")
-    f.add_argument("runs_dir", nargs="?",
-                   help="folder of runs (any depth): each finished run (final.json) gives one row")
-    f.add_argument("--table", help="instead of a runs folder: a CSV with columns params, samples, loss "
-                                   "(and optionally flops: training FLOPs of the run)")
+    _source_args(f)
     f.add_argument("--out", required=True, help="output folder for fit.json, table.csv and the plots")
-    f.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals (default 200)")
-    f.add_argument("--confidence", type=float, default=0.95, help="confidence level of the intervals (default 0.95)")
-    f.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling (default 0)")
-    f.add_argument("--params-column", default="params",
-                   help="the column used as N: params (default, all parameters) or params_without_group_mlps")
     f.add_argument("--compute", default="measured", choices=["measured", "6nd"],
                    help="compute relation of the frontier: measured (C = k N^gamma D fitted to the runs' analytic "
                         "FLOPs; 6ND when the table has no flops column) or 6nd (C = 6 N D)")
-    f.add_argument("--group-sizes", help="JSON {modality: [group sizes]} for runs whose dataset is not reachable")
     f.add_argument("--no-plots", action="store_true", help="write fit.json and table.csv only")
     f.set_defaults(fn=cmd_fit)
+
+    f = sub.add_parser("forecast", help="forecast the loss of a run at N params and D samples from a fit",
+                       description="Fit L(N, D) to a sweep's runs (or a table) as `scaling fit` does and print the "
+                                   "law's loss at --params N and --samples D with a prediction interval "
+                                   "(bootstrap laws times the runs' own scatter around the fit).")
+    _source_args(f)
+    f.add_argument("--params", type=float, required=True, help="N: parameters of the run to forecast (e.g. 2.4e6)")
+    f.add_argument("--samples", type=float, required=True, help="D: its training samples (steps x global batch)")
+    f.add_argument("--json", action="store_true", help="print the forecast as JSON")
+    f.set_defaults(fn=cmd_forecast)
 
     f = sub.add_parser("flops", help="analytic training FLOPs per step and parameter counts of a config",
                        description="Matmul FLOPs of one training step (forward + backward, useful and as executed "

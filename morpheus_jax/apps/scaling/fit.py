@@ -228,5 +228,57 @@ def fit_table(rows: list[dict], *, params_column: str = "params", n_boot: int = 
            "optimal_exponents": {"params": law.beta / (law.alpha + relation.gamma * law.beta),
                                  "samples": 1 - relation.gamma * law.beta / (law.alpha + relation.gamma * law.beta)},
            "frontier": frontier(law, budgets, relation, boot, confidence),
-           "residual_rms_log": float(np.sqrt(np.mean((np.log(law.loss(n, d)) - np.log(loss)) ** 2)))}
+           "residuals_log": [float(x) for x in np.log(loss) - np.log(law.loss(n, d))],
+           "residual_rms_log": float(np.sqrt(np.mean((np.log(law.loss(n, d)) - np.log(loss)) ** 2))),
+           "width_violations": width_violations(rows, params_column)}
     return out, boot
+
+
+# -- checks and forecasts ------------------------------------------------------------------------------
+
+def _name(row: dict, i: int) -> str:
+    return str(row.get("run") or f"row {i + 1}")
+
+
+def width_violations(rows: list[dict], params_column: str = "params", rtol: float = 1e-9) -> list[str]:
+    """At equal data (equal ``samples``), runs whose model is larger than another's but whose
+    final loss is higher: one line per such run, naming it and the smaller run it lost to (the
+    smaller run with the lowest loss). A sign of a learning rate tuned for one width only, or of
+    runs stopped before they converged; a law fitted through them extrapolates badly."""
+    groups: dict[float, list[int]] = {}
+    for i, r in enumerate(rows):
+        key = next((k for k in groups if abs(k - r["samples"]) <= rtol * max(k, 1.0)), r["samples"])
+        groups.setdefault(key, []).append(i)
+    out = []
+    for d, idx in sorted(groups.items()):
+        idx = sorted(idx, key=lambda i: rows[i][params_column])
+        for pos, j in enumerate(idx):
+            smaller = [i for i in idx[:pos] if rows[i][params_column] < rows[j][params_column]]
+            if not smaller:
+                continue
+            best = min(smaller, key=lambda i: rows[i]["loss"])
+            if rows[j]["loss"] > rows[best]["loss"]:
+                out.append(f"at {d:.6g} samples, {_name(rows[j], j)} ({rows[j][params_column]:.4g} params) ends at "
+                           f"loss {rows[j]['loss']:.4g}, above the smaller {_name(rows[best], best)} "
+                           f"({rows[best][params_column]:.4g} params, loss {rows[best]['loss']:.4g})")
+    return out
+
+
+def forecast(law: Law, boot: list[Law], params: float, samples: float, residuals, *,
+             confidence: float = 0.95, seed: int = 0) -> dict:
+    """The law's loss at ``(params, samples)`` with a prediction interval: percentiles over
+    the bootstrap laws of their prediction times ``exp(ε)``, ε drawn from the fit's log
+    residuals (the runs' own scatter around the law, so a single new run, not only the mean
+    law, should fall inside)."""
+    if not (np.isfinite(params) and params > 0 and np.isfinite(samples) and samples > 0):
+        raise InputError(f"--params and --samples must be positive numbers, got {params!r} and {samples!r}")
+    point = float(law.loss(params, samples))
+    out = {"params": float(params), "samples": float(samples), "loss": point, "confidence": confidence}
+    if boot:
+        rng = np.random.default_rng(seed)
+        preds = np.array([b.loss(params, samples) for b in boot], float)
+        eps = rng.choice(np.asarray(residuals, float), size=preds.size) if len(residuals) else 0.0
+        q = [(1 - confidence) / 2 * 100, (1 + confidence) / 2 * 100]
+        lo, hi = np.percentile(preds * np.exp(eps), q)
+        out["interval"] = [float(min(lo, point)), float(max(hi, point))]
+    return out
