@@ -38,6 +38,8 @@ import pandas as pd
 
 from train_step import cpu_model  # noqa: E402  (the script's folder is on sys.path)
 
+from morpheus_jax.core.config import DataConfig  # noqa: E402
+
 
 class AuthorsSample(grain.transforms.Map):
     """The authors' loader, per sample (written here from their description)."""
@@ -268,6 +270,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--workers", type=int, default=2, help="Grain worker processes, both paths")
     ap.add_argument("--num-patches", type=int, default=1024, help="patches per sample")
     ap.add_argument("--batches", type=int, default=30, help="timed batches (ours)")
+    ap.add_argument("--prefetch", type=int, default=DataConfig().prefetch_buffer,
+                    help="data.prefetch_buffer of the in-process path: its reader threads (default: the config's)")
     ap.add_argument("--authors-batches", type=int, default=4, help="timed batches (authors' path)")
     ap.add_argument("--json", action="store_true", help="print one JSON line")
     args = ap.parse_args(argv)
@@ -284,13 +288,13 @@ def main(argv=None) -> dict:
 
     ours_ds = pipeline.train_dataset(ds_dir, "pretrain", global_batch=args.batch, num_patches=args.num_patches,
                                      seed=0, modalities=("rna", "dnam", "cnv"))
-    it = pipeline.train_iterator(ours_ds, 0, prefetch=max(args.workers, 1))
+    it = pipeline.train_iterator(ours_ds, 0, prefetch=args.prefetch)
     threads = _time(it, args.batches)
     it.close_reader()
     fresh = pipeline.sample_patches            # the same run with the previous window sampler
     pipeline.sample_patches = window_sample
     try:
-        it = pipeline.train_iterator(ours_ds, 0, prefetch=max(args.workers, 1))
+        it = pipeline.train_iterator(ours_ds, 0, prefetch=args.prefetch)
         window = _time(it, args.batches)
         it.close_reader()
     finally:
@@ -337,7 +341,7 @@ def main(argv=None) -> dict:
         "authors_bytes_per_sample": int(authors[2]),
         "authors_bytes_ratio": round(authors[2] / sample_bytes, 1),
         "speedup": round(ours[0] / authors[0], 1),
-        "ours_threads_samples_per_s": round(threads[0], 1),
+        "ours_threads_samples_per_s": round(threads[0], 1), "reader_threads": args.prefetch,
         "speedup_threads": round(threads[0] / authors[0], 1),
         "window_threads_samples_per_s": round(window[0], 1), "window_bytes_per_sample": int(window[2]),
         "fresh_vs_window_samples_per_s": round(threads[0] / window[0], 3),
@@ -356,7 +360,7 @@ def main(argv=None) -> dict:
               f"{raw_fresh_bps / 1e9:.2f} GB/s); worker processes {result['workers_vs_raw_read']:.0%}; per sample (us): {costs}")
         print(f"ours:    {ours[0]:8.1f} samples/s  {ours[1]:8.1f} MB/s  {ours[2] / 1e6:6.2f} MB read per sample "
               f"({result['ours_bytes_ratio']}x the sample's {sample_bytes / 1e6:.2f} MB), {args.workers} worker processes")
-        print(f"ours:    {threads[0]:8.1f} samples/s  {threads[1]:8.1f} MB/s  (in-process, {max(args.workers, 1)} reader "
+        print(f"ours:    {threads[0]:8.1f} samples/s  {threads[1]:8.1f} MB/s  (in-process, {args.prefetch} reader "
               f"threads)")
         print(f"authors: {authors[0]:8.2f} samples/s  {authors[1]:8.1f} MB/s  {authors[2] / 1e6:6.2f} MB read per sample "
               f"({result['authors_bytes_ratio']}x)")
@@ -365,7 +369,7 @@ def main(argv=None) -> dict:
               f"{result['fresh_vs_window_samples_per_s']}); pair co-occurrence vs uniform, fresh {div_fresh}, "
               f"window {div_window}")
         print(f"speed-up: {result['speedup']}x samples/s at batch {args.batch} with {args.workers} worker processes each "
-              f"({result['speedup_threads']}x with {max(args.workers, 1)} reader threads)")
+              f"({result['speedup_threads']}x with {args.prefetch} reader threads)")
     return result
 
 
