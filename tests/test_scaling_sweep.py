@@ -185,6 +185,17 @@ def test_shipped_ladders_expand(monkeypatch):
     assert [r["run"].name for r in tiny] == ["h16-n1600", "h16-n4800", "h32-n1600", "h32-n4800", "h64-n1600",
                                               "h64-n4800"]
     assert [r["steps"] for r in tiny] == [50, 150] * 3
+    lrt = sw.plan(load_ladder("lr_transfer"))
+    assert len(lrt) == 24 and {r["config"].model.parametrization for r in lrt} == {"standard", "mup"}
+    assert {r["config"].train.learning_rate for r in lrt} == {1e-3, 3e-3, 1e-2, 3e-2}
+    forecast = sw.plan(load_ladder("forecast"))
+    assert [r["steps"] for r in forecast] == [100, 200, 400] * 3
+    assert all(r["config"].model.parametrization == "mup" for r in forecast)
+    (held,) = sw.plan(load_ladder("forecast_heldout"))
+    widest, longest = max(r["config"].model.hidden_size for r in forecast), max(r["steps"] for r in forecast)
+    assert held["config"].model.hidden_size == 2 * widest and held["steps"] == 2 * longest
+    assert held["config"].data == forecast[0]["config"].data
+    assert held["config"].train.learning_rate == forecast[0]["config"].train.learning_rate
     paper = {r["run"].name: r for r in sw.plan(load_ladder(ROOT / "configs" / "scaling" / "paper_ladder.yaml"))}
     assert len(paper) == 24 and paper["paper-frac1"]["config"].model.hidden_size == 256
     from morpheus_jax.model.flops import param_counts

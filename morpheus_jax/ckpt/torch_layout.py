@@ -25,6 +25,7 @@ from morpheus_jax.core.config import ModelConfig
 from morpheus_jax.core.errors import LayoutError
 from morpheus_jax.core.spec import GroupLayout
 from morpheus_jax.model.params import has_decoders
+from morpheus_jax.model import mup
 
 # -- the §5 schema ----------------------------------------------------------------------------
 
@@ -143,6 +144,24 @@ def _plain_pairs(cfg: ModelConfig, modalities, decoders: bool):
     return pairs
 
 
+def _fold_queries(sd: dict[str, np.ndarray], cfg: ModelConfig, factor: float) -> None:
+    """Multiply, in place, the weights that make attention queries (the q rows of every
+    ``attn.qkv``, every ``cross_attn.to_q``, the WSI tokenizer's ``k_proj``, whose scores are
+    its only use) by ``factor``: µP's query factor (`model.mup.query_factor`), folded so the
+    authors' module, which scales logits by 1/sqrt(d), computes our function."""
+    if factor == 1.0:
+        return
+    h = cfg.hidden_size
+    for key in list(sd):
+        if key.endswith((".attn.qkv.weight", ".attn.qkv.bias")):
+            v = sd[key].copy()
+            v[:h] *= factor
+            sd[key] = v
+        elif key.endswith((".cross_attn.to_q.weight", ".cross_attn.to_q.bias")) or key.startswith(
+                "wsi_tokenizer.k_proj."):
+            sd[key] = sd[key] * factor
+
+
 # -- ours → torch ---------------------------------------------------------------------------
 
 def to_torch(flat: Mapping[str, np.ndarray], layouts: Mapping[str, GroupLayout], cfg: ModelConfig, *,
@@ -202,6 +221,7 @@ def to_torch(flat: Mapping[str, np.ndarray], layouts: Mapping[str, GroupLayout],
     left = sorted(n for n in set(flat) - used if not n.startswith(dropped))
     if left:
         raise LayoutError(f"parameters with no place in the PyTorch layout: {left[:5]}")
+    _fold_queries(out, cfg, mup.query_factor(cfg))
     schema = torch_schema(cfg, group_sizes(layouts, modalities), decoders=decoders, n_outputs=n_outputs)
     _check_against(out, schema, "export")
     return {k: np.ascontiguousarray(out[k]) for k in schema}
@@ -232,6 +252,7 @@ def from_torch(sd: Mapping[str, np.ndarray], layouts: Mapping[str, GroupLayout],
     modalities = list(layouts)
     n_outputs = sd["final_layer.1.bias"].shape[0] if "final_layer.1.bias" in sd else None
     _check_against(sd, torch_schema(cfg, group_sizes(layouts), decoders=decoders, n_outputs=n_outputs), "import")
+    _fold_queries(sd, cfg, 1.0 / mup.query_factor(cfg))
     h, gh = cfg.hidden_size, cfg.group_hidden
     flat: dict[str, np.ndarray] = {}
     if n_outputs:

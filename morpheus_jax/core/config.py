@@ -88,6 +88,13 @@ class ModelConfig:
     # Recompute transformer blocks' activations in the backward pass (memory for compute).
     remat: bool = False
     layer_norm_eps: float = 1e-5
+    # "standard" (torch's initialisation, one AdamW rate) or "mup" (maximal-update
+    # parametrisation, `morpheus_jax.model.mup`: per-layer initialisation and learning rates
+    # relative to a base model of these widths, attention logits q.k/d; rates tuned at the
+    # base transfer across hidden sizes).
+    parametrization: str = "standard"
+    mup_base_hidden_size: int = 64
+    mup_base_group_hidden: int = 64
 
 
 @dataclasses.dataclass
@@ -334,6 +341,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"masking.ratio must be in [0, 1), got {cfg.masking.ratio}")
     if cfg.train.schedule not in ("cosine", "paper", "constant"):
         raise ConfigError(f"train.schedule must be 'cosine', 'paper' or 'constant', got {cfg.train.schedule!r}")
+    if m.parametrization not in ("standard", "mup"):
+        raise ConfigError(f"model.parametrization must be 'standard' or 'mup', got {m.parametrization!r}")
+    for key in ("mup_base_hidden_size", "mup_base_group_hidden"):
+        if getattr(m, key) < 1:
+            raise ConfigError(f"model.{key} must be >= 1, got {getattr(m, key)}")
     if m.prototype_init not in ("zeros", "normal"):
         raise ConfigError(f"model.prototype_init must be 'zeros' or 'normal', got {m.prototype_init!r}")
     if cfg.train.nonfinite not in ("stop", "skip"):

@@ -17,6 +17,7 @@ from morpheus_jax.core.spec import GroupLayout, ModelSpec
 from morpheus_jax.data import pipeline, records
 from morpheus_jax.engine import state as st
 from morpheus_jax.engine.step import make_train_step
+from morpheus_jax.model import mup
 from morpheus_jax.model.morpheus import init_model
 from morpheus_jax.model.params import ParamCodec
 
@@ -139,7 +140,7 @@ def plan_run(cfg: Config, layouts: dict[str, GroupLayout], *, patch_dim: int, pa
     model = init_model(cfg.model, layouts, cfg.seed)
     codec = ParamCodec(model)
     schedule = st.make_schedule(cfg.train, steps, spe)
-    tx = st.make_optimizer(cfg.train, schedule)
+    tx = st.make_optimizer(cfg.train, schedule, mup.learning_rate_multipliers(cfg.model, codec.axes))
     psh = shd.tree_shardings(codec.axes, codec.shapes, rules, mesh)
     ssh = shd.state_shardings(_abstract_state(codec, tx, cfg.seed), psh, codec.shapes, mesh)
     bsh = batch.shardings(mesh, rules, layouts)

@@ -39,12 +39,20 @@ def make_schedule(tc: TrainConfig, total_steps: int, steps_per_epoch: int):
         decay_steps=max(decay, warmup + 1), end_value=tc.learning_rate * tc.end_lr_factor)
 
 
-def make_optimizer(tc: TrainConfig, schedule) -> optax.GradientTransformation:
+def make_optimizer(tc: TrainConfig, schedule, lr_multipliers: dict[str, float] | None = None
+                   ) -> optax.GradientTransformation:
+    """AdamW (after global-norm clipping when set). ``lr_multipliers`` ``{parameter: factor}``
+    (µP, `model.mup.learning_rate_multipliers`) scale each parameter's update, hence its rate
+    and its decoupled weight decay; all-ones or None adds nothing (the same optimizer state)."""
     adamw = optax.adamw(schedule, b1=tc.b1, b2=tc.b2, eps=1e-8, weight_decay=tc.weight_decay,
                         mu_dtype=jnp.dtype(tc.mu_dtype))
-    if tc.grad_clip_norm:
-        return optax.chain(optax.clip_by_global_norm(tc.grad_clip_norm), adamw)
-    return adamw
+    parts = [optax.clip_by_global_norm(tc.grad_clip_norm)] if tc.grad_clip_norm else []
+    parts.append(adamw)
+    if lr_multipliers and any(v != 1.0 for v in lr_multipliers.values()):
+        mults = dict(lr_multipliers)
+        parts.append(optax.stateless(lambda updates, params=None: {
+            k: u * mults[k] if mults.get(k, 1.0) != 1.0 else u for k, u in updates.items()}))
+    return parts[0] if len(parts) == 1 else optax.chain(*parts)
 
 
 def init_state(params: dict[str, jax.Array], tx: optax.GradientTransformation, seed: int) -> dict:

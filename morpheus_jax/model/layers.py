@@ -147,15 +147,21 @@ def attend(q: Array, k: Array, v: Array, key_mask: Array | None, rate: float, no
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
+def _scaled(x: Array, factor: float) -> Array:
+    return x if factor == 1.0 else x * jnp.asarray(factor, x.dtype)
+
+
 class SelfAttention(nnx.Module):
     """Fused-qkv self-attention (torch key names ``attn.qkv``, ``attn.out_proj``).
 
     The qkv output dimension is ordered (q|k|v, head, head_dim), as the authors' layout.
     """
 
-    def __init__(self, dim: int, heads: int, dropout_rate: float, *, rng: np.random.Generator, dtype):
+    def __init__(self, dim: int, heads: int, dropout_rate: float, *, rng: np.random.Generator, dtype,
+                 q_factor: float = 1.0):
         self.heads = heads
         self.dropout_rate = dropout_rate
+        self.q_factor = q_factor          # µP: queries × sqrt(d_base / d) (`model.mup`); 1 = standard
         self.qkv = Dense(dim, 3 * dim, axes=("embed", "qkv"), rng=rng, dtype=dtype)
         self.out_proj = Dense(dim, dim, axes=("heads_merged", "embed"), rng=rng, dtype=dtype)
 
@@ -167,16 +173,19 @@ class SelfAttention(nnx.Module):
         b, l, d = x.shape
         qkv = constrain(self.qkv(x).reshape(b, l, 3, self.heads, d // self.heads),
                         ("batch", None, None, "act_heads", None))
-        out = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], key_mask, self.dropout_rate, noise[0])
+        out = attend(_scaled(qkv[:, :, 0], self.q_factor), qkv[:, :, 1], qkv[:, :, 2], key_mask, self.dropout_rate,
+                     noise[0])
         return dropout(self.out_proj(out.reshape(b, l, d)), self.dropout_rate, noise[1])
 
 
 class CrossAttention(nnx.Module):
     """Cross-attention with separate q/k/v projections; the context is not normalised."""
 
-    def __init__(self, dim: int, heads: int, dropout_rate: float, *, rng: np.random.Generator, dtype):
+    def __init__(self, dim: int, heads: int, dropout_rate: float, *, rng: np.random.Generator, dtype,
+                 q_factor: float = 1.0):
         self.heads = heads
         self.dropout_rate = dropout_rate
+        self.q_factor = q_factor
         self.to_q = Dense(dim, dim, axes=("embed", "heads_merged"), rng=rng, dtype=dtype)
         self.to_k = Dense(dim, dim, axes=("embed", "heads_merged"), rng=rng, dtype=dtype)
         self.to_v = Dense(dim, dim, axes=("embed", "heads_merged"), rng=rng, dtype=dtype)
@@ -190,7 +199,7 @@ class CrossAttention(nnx.Module):
         b, lq, d = x.shape
         lk = context.shape[1]
         hd = d // self.heads
-        q = self.to_q(x).reshape(b, lq, self.heads, hd)
+        q = _scaled(self.to_q(x), self.q_factor).reshape(b, lq, self.heads, hd)
         k = self.to_k(context).reshape(b, lk, self.heads, hd)
         v = self.to_v(context).reshape(b, lk, self.heads, hd)
         out = attend(q, k, v, context_mask, self.dropout_rate, noise[0])
@@ -217,9 +226,10 @@ class MLP(nnx.Module):
 class EncoderBlock(nnx.Module):
     """Pre-norm block: ``x += SelfAttn(LN(x)); x += MLP(LN(x))``."""
 
-    def __init__(self, dim, heads, mlp_dim, dropout_rate, *, eps, rng: np.random.Generator, dtype):
+    def __init__(self, dim, heads, mlp_dim, dropout_rate, *, eps, rng: np.random.Generator, dtype,
+                 q_factor: float = 1.0):
         self.norm1 = LayerNorm(dim, eps=eps, dtype=dtype)
-        self.attn = SelfAttention(dim, heads, dropout_rate, rng=rng, dtype=dtype)
+        self.attn = SelfAttention(dim, heads, dropout_rate, rng=rng, dtype=dtype, q_factor=q_factor)
         self.norm2 = LayerNorm(dim, eps=eps, dtype=dtype)
         self.mlp = MLP(dim, mlp_dim, dropout_rate, rng=rng, dtype=dtype)
 
@@ -235,11 +245,12 @@ class EncoderBlock(nnx.Module):
 class DecoderBlock(nnx.Module):
     """``x += SelfAttn(LN(x)); x += CrossAttn(LN(x), context); x += MLP(LN(x))``."""
 
-    def __init__(self, dim, heads, mlp_dim, dropout_rate, *, eps, rng: np.random.Generator, dtype):
+    def __init__(self, dim, heads, mlp_dim, dropout_rate, *, eps, rng: np.random.Generator, dtype,
+                 q_factor: float = 1.0):
         self.norm1 = LayerNorm(dim, eps=eps, dtype=dtype)
-        self.attn = SelfAttention(dim, heads, dropout_rate, rng=rng, dtype=dtype)
+        self.attn = SelfAttention(dim, heads, dropout_rate, rng=rng, dtype=dtype, q_factor=q_factor)
         self.norm_cross_attn = LayerNorm(dim, eps=eps, dtype=dtype)
-        self.cross_attn = CrossAttention(dim, heads, dropout_rate, rng=rng, dtype=dtype)
+        self.cross_attn = CrossAttention(dim, heads, dropout_rate, rng=rng, dtype=dtype, q_factor=q_factor)
         self.norm2 = LayerNorm(dim, eps=eps, dtype=dtype)
         self.mlp = MLP(dim, mlp_dim, dropout_rate, rng=rng, dtype=dtype)
 

@@ -18,6 +18,7 @@ from flax import nnx
 
 from morpheus_jax.core.config import ModelConfig
 from morpheus_jax.core.spec import GroupLayout
+from morpheus_jax.model import mup
 from morpheus_jax.model.layers import DecoderBlock, Dense, EncoderBlock, LayerNorm, normal_init, split_key
 from morpheus_jax.model.masking import KeepPlan, token_positions
 from morpheus_jax.model.tokenizers import GroupTokenizer, ReverseTokenizer, WSITokenizer
@@ -46,7 +47,7 @@ class OmicsDecoder(nnx.Module):
         self.decoder_embed = Dense(h, h, axes=("embed", "embed_out"), rng=rng, dtype=dtype)
         self.decoder_blocks = nnx.List([
             DecoderBlock(h, cfg.decoder_heads, cfg.decoder_mlp_dim, cfg.decoder_dropout,
-                         eps=cfg.layer_norm_eps, rng=rng, dtype=dtype)
+                         eps=cfg.layer_norm_eps, rng=rng, dtype=dtype, q_factor=mup.query_factor(cfg))
             for _ in range(cfg.decoder_layers)])
         self.decoder_norm = LayerNorm(h, eps=cfg.layer_norm_eps, dtype=dtype)
         self.reverse_tokenizer = ReverseTokenizer(layout, cfg.group_hidden, h, rng=rng, dtype=dtype)
@@ -89,13 +90,14 @@ class Morpheus(nnx.Module):
         self.global_token = nnx.Param(normal_init(rng, (1, 1, h)),
                                       axes=(None, None, "embed"))
         self.wsi_tokenizer = WSITokenizer(cfg.wsi_dim, h, cfg.num_prototypes, eps=cfg.layer_norm_eps,
-                                          rng=rng, dtype=dtype, prototype_init=cfg.prototype_init)
+                                          rng=rng, dtype=dtype, prototype_init=cfg.prototype_init,
+                                          q_factor=mup.query_factor(cfg))
         self.omics_tokenizers = nnx.Dict({
             m: GroupTokenizer(self.layouts[m], cfg.group_hidden, h, rng=rng, dtype=dtype)
             for m in self.modalities})
         self.encoder_blocks = nnx.List([
             EncoderBlock(h, cfg.encoder_heads, cfg.encoder_mlp_dim, cfg.encoder_dropout,
-                         eps=cfg.layer_norm_eps, rng=rng, dtype=dtype)
+                         eps=cfg.layer_norm_eps, rng=rng, dtype=dtype, q_factor=mup.query_factor(cfg))
             for _ in range(cfg.encoder_layers)])
         self.norm = LayerNorm(h, eps=cfg.layer_norm_eps, dtype=dtype)
         if with_decoders:
@@ -190,5 +192,15 @@ class Morpheus(nnx.Module):
 
 def init_model(cfg: ModelConfig, layouts: dict[str, GroupLayout], seed: int,
                with_decoders: bool = True) -> Morpheus:
-    """Parameters drawn with NumPy from ``seed`` (deterministic, no XLA compiles)."""
-    return Morpheus(cfg, layouts, rng=np.random.default_rng(seed), with_decoders=with_decoders)
+    """Parameters drawn with NumPy from ``seed`` (deterministic, no XLA compiles); under µP
+    the readouts scaled (`mup.init_multipliers`), from the same draws."""
+    model = Morpheus(cfg, layouts, rng=np.random.default_rng(seed), with_decoders=with_decoders)
+    if mup.enabled(cfg):
+        state = nnx.state(model, nnx.Param)
+        for path, var in nnx.to_flat_state(state):
+            name = ".".join(str(p) for p in path)
+            factor = mup.init_multipliers(cfg, {name: tuple(var.get_metadata().get("axes") or ())})[name]
+            if factor != 1.0:
+                var.set_value(var.get_value() * factor)
+        nnx.update(model, state)
+    return model

@@ -95,7 +95,8 @@ class WSITokenizer(nnx.Module):
     """
 
     def __init__(self, wsi_dim: int, hidden: int, num_prototypes: int, *, eps: float,
-                 rng: np.random.Generator, dtype=jnp.float32, prototype_init: str = "zeros"):
+                 rng: np.random.Generator, dtype=jnp.float32, prototype_init: str = "zeros",
+                 q_factor: float = 1.0):
         protos = normal_init(rng, (num_prototypes, hidden))       # drawn either way: the same stream
         if prototype_init == "zeros":                             # the authors' (all queries start equal)
             protos = jnp.zeros_like(protos)
@@ -107,13 +108,14 @@ class WSITokenizer(nnx.Module):
         self.output_proj = Dense(hidden, hidden, axes=("embed", "embed_out"), rng=rng, dtype=dtype)
         self.out_norm = LayerNorm(hidden, eps=eps, dtype=dtype)
         self.dtype = dtype
+        self.q_factor = q_factor          # µP: scores × sqrt(H_base / H) (`model.mup`); 1 = standard
 
     def __call__(self, x: Array, mask: Array | None = None) -> Array:
         """x ``[B, N, D]`` patch features, mask ``[B, N]`` (True = real patch) → ``[B, P, H]``."""
         q = self.q_norm(self.prototypes[...])                            # [P, H]
         qk = jnp.dot(q.astype(jnp.float32), self.k_proj.kernel[...].T)   # [P, D]
         pooled = attention_pool(constrain(x, ("batch", None, None)), mask, self.kv_norm.weight[...],
-                                self.kv_norm.bias[...], qk, q.shape[-1] ** -0.5, self.kv_norm.eps,
+                                self.kv_norm.bias[...], qk, q.shape[-1] ** -0.5 * self.q_factor, self.kv_norm.eps,
                                 self.dtype)                              # A · LN(x), [B, P, D]
         return self.out_norm(self.output_proj(self.v_proj(pooled)))
 
