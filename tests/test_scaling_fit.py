@@ -3,6 +3,7 @@ frontier against its closed form, and `morpheus scaling fit` on a table."""
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -167,3 +168,90 @@ def test_fit_warns_when_a_wider_model_ends_higher(tmp_path, capsys):
     assert ft.width_violations(rows) == []
     rows[1]["loss"] = 2.1
     assert len(ft.width_violations(rows)) == 1 and ft.width_violations(rows)[0].startswith("at 10 samples, b")
+
+
+def _fake_runs(root, widths, datas, loss_of, noise=0.01, seed=0):
+    """Finished run folders (config.yaml, final.json, scaling.json) as `morpheus pretrain`
+    leaves them, with losses drawn from a law: what `scaling fit RUNS_DIR` collects."""
+    from morpheus_jax.core.config import load_config, save_config
+
+    rng = np.random.default_rng(seed)
+    cfg = load_config("demo", ["train.global_batch_size=1", f"data.dir={root}/no_dataset"])
+    for i, n in enumerate(widths):
+        for j, d in enumerate(datas):
+            run = root / f"w{i}-d{j}"
+            run.mkdir(parents=True)
+            save_config(cfg, run / "config.yaml")
+            (run / "final.json").write_text(json.dumps({"step": int(d), "val_loss": float(
+                loss_of(n, d) * np.exp(rng.normal(0.0, noise)))}))
+            (run / "scaling.json").write_text(json.dumps({"params": int(n), "params_without_group_mlps": int(n // 2),
+                                                          "flops_per_step": 50.0 * n, "flops_per_sample": 50.0 * n}))
+    return root
+
+
+def test_forecast_scores_a_held_out_run(tmp_path, capsys):
+    """`scaling forecast --held-out RUN`: the run (a folder inside the runs folder, or a row's
+    name in a table) is left out of the fit, forecast from its own N and D, and scored; the
+    result equals forecasting the same N, D from the ladder without it; --plot draws it."""
+    widths, datas = np.logspace(5, 6.5, 4), np.logspace(5, 6.5, 3)
+    runs = _fake_runs(tmp_path / "runs", widths, datas, TRUTH.loss)
+    held_n, held_d = int(2 * widths[-1]), int(2 * datas[-1])
+    _fake_runs(tmp_path / "held", [held_n], [held_d], TRUTH.loss, seed=1)
+    (tmp_path / "held" / "w0-d0").rename(runs / "heldout")        # inside the runs folder: not fitted
+    png = tmp_path / "fc.png"
+    assert _cli(["scaling", "forecast", runs, "--held-out", runs / "heldout", "--bootstrap", 40, "--plot", png,
+                 "--json"]) == 0
+    fc = json.loads(capsys.readouterr().out)
+    actual = json.loads((runs / "heldout" / "final.json").read_text())["val_loss"]
+    assert fc["fit"]["n_points"] == 12 and fc["run"] == "heldout"
+    assert (fc["params"], fc["samples"]) == (held_n, held_d)
+    assert fc["actual"] == actual and fc["error"] == pytest.approx(actual / fc["loss"] - 1, abs=1e-12)
+    assert abs(fc["error"]) < 0.05 and fc["inside_interval"] is True
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    shutil.move(runs / "heldout", tmp_path / "heldout")
+    assert _cli(["scaling", "forecast", runs, "--params", held_n, "--samples", held_d, "--bootstrap", 40,
+                 "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert plain["loss"] == fc["loss"] and plain["interval"] == fc["interval"]
+    # A table: the held-out run by name; the human form reports it.
+    rows = [{"run": f"w{i}-d{j}", "params": n, "samples": d, "loss": float(TRUTH.loss(n, d))}
+                      for i, n in enumerate(widths) for j, d in enumerate(datas)]
+    rows.append({"run": "big", "params": held_n, "samples": held_d, "loss": actual})
+    table = tmp_path / "t.csv"
+    with open(table, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["run", "params", "samples", "loss"])
+        w.writeheader()
+        w.writerows(rows)
+    assert _cli(["scaling", "forecast", "--table", table, "--held-out", "big", "--bootstrap", 8]) == 0
+    out = capsys.readouterr().out
+    assert "held-out run big: loss" in out and "from the forecast" in out and "on 12 runs" in out
+    # Bad combinations: one line each, exit 2.
+    for argv, needle in ((["--held-out", "nope"], "nope"), (["--held-out", "big", "--params", 1e6], "leave out"),
+                         ([], "--held-out")):
+        assert _cli(["scaling", "forecast", "--table", table, "--bootstrap", 0] + argv) == 2
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_fit_warns_when_runs_repeat_their_data(tmp_path, capsys):
+    """Runs that see their patients more than 4 times are named (the law counts fresh
+    samples); rows without a patient count (a table) are not judged."""
+    rows = [{"run": "short", "params": 1e5, "samples": 400.0, "loss": 1.0, "patients": 100},
+            {"run": "long", "params": 1e5, "samples": 401.0, "loss": 0.9, "patients": 100},
+            {"run": "table", "params": 1e5, "samples": 1e6, "loss": 0.8}]
+    assert ft.repeated_data(rows) == ["long trained on 401 samples of 100 patients (4.01 epochs, more than 4)"]
+    assert ft.repeated_data(rows, max_epochs=10) == []
+    # Through the CLI: a collected table carries the patients column.
+    widths, datas = np.logspace(5, 6.5, 3), np.logspace(5, 6.5, 2)
+    table = tmp_path / "t.csv"
+    with open(table, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", "params", "samples", "loss", "patients"])
+        for i, n in enumerate(widths):
+            for j, d in enumerate(datas):
+                w.writerow([f"w{i}-d{j}", n, d, float(TRUTH.loss(n, d)), d / 5 if (i, j) == (1, 1) else d])
+    assert _cli(["scaling", "fit", "--table", table, "--out", tmp_path / "fit", "--bootstrap", 0, "--no-plots"]) == 0
+    lines = [x for x in capsys.readouterr().err.splitlines() if "repeated data" in x]
+    assert len(lines) == 1 and "w1-d1 trained on" in lines[0] and "(5 epochs" in lines[0], lines
+    assert json.loads((tmp_path / "fit" / "fit.json").read_text())["repeated_data"] == [
+        lines[0].split("repeated data: ")[1].split("; the law")[0]]

@@ -42,12 +42,12 @@ def cmd_sweep(args) -> int:
     return 1 if sw.submit(cmds) else 0
 
 
-def _rows(args) -> list[dict]:
+def _rows(args, exclude: Path | None = None) -> list[dict]:
     from morpheus_jax.apps.scaling import sweep as sw  # lazy: start-up time
 
     if bool(args.runs_dir) == bool(args.table):
         raise ConfigError("give a runs folder or --table FILE.csv (one of them)")
-    rows = sw.collect(args.runs_dir, args.group_sizes) if args.runs_dir else sw.read_table(args.table)
+    rows = sw.collect(args.runs_dir, args.group_sizes, exclude) if args.runs_dir else sw.read_table(args.table)
     if args.params_column not in rows[0]:
         raise ConfigError(f"the table has no column {args.params_column!r}")
     return rows
@@ -62,26 +62,71 @@ def _fit(args, rows, relation=None):
                                 confidence=args.confidence, relation=relation)
     for line in report["width_violations"]:
         log.warning(f"not monotone in width: {line} (an untuned learning rate or an unconverged run?)")
+    for line in report["repeated_data"]:
+        log.warning(f"repeated data: {line}; the law counts fresh samples (a larger cohort, or shorter runs)")
     return report, boot
+
+
+def _held_out(args) -> tuple[dict | None, list[dict]]:
+    """The fit's rows, and ``--held-out RUN`` (a run folder, or a run's name among the rows)
+    left out of them: it is forecast, not fitted."""
+    from morpheus_jax.apps.scaling import sweep as sw  # lazy: start-up time
+
+    if args.held_out is None:
+        if args.params is None or args.samples is None:
+            raise ConfigError("give --params N and --samples D, or --held-out RUN (they are read from the run)")
+        return None, _rows(args)
+    if args.params is not None or args.samples is not None:
+        raise ConfigError("--held-out reads N and D from the run: leave out --params and --samples")
+    path = Path(args.held_out)
+    if (path / "final.json").exists():
+        held = sw.collect_run(path, args.group_sizes)
+        if held is None:
+            raise ConfigError(f"--held-out {path}: the run has no final validation loss")
+        rest = _rows(args, exclude=path)
+    else:
+        rows = _rows(args)
+        named = [r for r in rows if str(r.get("run")) == args.held_out]
+        if len(named) != 1:
+            raise ConfigError(f"--held-out {args.held_out}: not a finished run folder, nor the name of exactly one "
+                              f"run of the {'table' if args.table else 'runs folder'} ({len(named)} match)")
+        held, rest = named[0], [r for r in rows if r is not named[0]]
+    return held, rest
 
 
 def cmd_forecast(args) -> int:
     from morpheus_jax.apps.scaling import fit as ft  # lazy: start-up time
 
-    rows = _rows(args)
+    held, rows = _held_out(args)
     report, boot = _fit(args, rows)
     law = ft.Law(report["E"], report["A"], report["B"], report["alpha"], report["beta"])
-    fc = ft.forecast(law, boot, args.params, args.samples, report["residuals_log"], confidence=args.confidence,
-                     seed=args.seed)
+    n = held[args.params_column] if held else args.params
+    d = held["samples"] if held else args.samples
+    fc = ft.forecast(law, boot, n, d, report["residuals_log"], confidence=args.confidence, seed=args.seed)
     fc["fit"] = {k: report[k] for k in ("E", "A", "B", "alpha", "beta", "n_points", "residual_rms_log")}
+    if held:
+        fc = {"run": held.get("run"), **ft.score(fc, held["loss"])}
+    if args.plot:
+        from morpheus_jax.apps.scaling import plots  # lazy: start-up time
+
+        rel = ft.ComputeRelation(report["compute_relation"]["k"], report["compute_relation"]["gamma"],
+                                 report["compute_relation"]["source"])
+        plots.loss_vs_compute(rows, law, rel, args.plot, args.params_column,
+                              forecast={**fc, "flops": held.get("flops") if held else None})
     if args.json:
         print(json.dumps(fc))
         return 0
     interval = (f", {fc['confidence']:.0%} prediction interval [{fc['interval'][0]:.4g}, {fc['interval'][1]:.4g}]"
                 if "interval" in fc else " (no interval: --bootstrap 0)")
-    print(f"forecast at N = {args.params:.4g} params, D = {args.samples:.4g} samples: loss {fc['loss']:.4g}{interval}; "
+    print(f"forecast at N = {n:.4g} params, D = {d:.4g} samples: loss {fc['loss']:.4g}{interval}; "
           f"from L(N, D) = {law.E:.4g} + {law.A:.4g}/N^{law.alpha:.3f} + {law.B:.4g}/D^{law.beta:.3f} on "
           f"{report['n_points']} runs")
+    if held:
+        where = {True: "inside the interval", False: "outside the interval"}.get(fc.get("inside_interval"), "")
+        print(f"held-out run {fc['run']}: loss {fc['actual']:.4g}, {fc['error']:+.1%} from the forecast"
+              + (f", {where}" if where else ""))
+    if args.plot:
+        print(f"wrote {args.plot}")
     return 0
 
 
@@ -209,8 +254,13 @@ def register(subparsers) -> None:
                                    "law's loss at --params N and --samples D with a prediction interval "
                                    "(bootstrap laws times the runs' own scatter around the fit).")
     _source_args(f)
-    f.add_argument("--params", type=float, required=True, help="N: parameters of the run to forecast (e.g. 2.4e6)")
-    f.add_argument("--samples", type=float, required=True, help="D: its training samples (steps x global batch)")
+    f.add_argument("--params", type=float, help="N: parameters of the run to forecast (e.g. 2.4e6)")
+    f.add_argument("--samples", type=float, help="D: its training samples (steps x global batch)")
+    f.add_argument("--held-out", metavar="RUN",
+                   help="instead of --params/--samples: a finished run folder (or a run's name in the runs folder "
+                        "or table), left out of the fit, forecast from N and D, and scored against its loss")
+    f.add_argument("--plot", metavar="PNG", help="also draw the ladder, the law, the forecast with its interval "
+                                                 "and the held-out run's loss")
     f.add_argument("--json", action="store_true", help="print the forecast as JSON")
     f.set_defaults(fn=cmd_forecast)
 

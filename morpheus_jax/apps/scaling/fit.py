@@ -31,6 +31,8 @@ from scipy.special import logsumexp
 from morpheus_jax.core.errors import InputError
 
 HUBER_DELTA = 1e-3
+# Epochs over the training patients past which a run is reported as repeating its data (repeated_data).
+MAX_EPOCHS = 4.0
 # Chinchilla's grid of initialisations.
 GRID = {"alpha": np.arange(0.0, 2.01, 0.5), "beta": np.arange(0.0, 2.01, 0.5), "e": np.arange(-1.0, 1.01, 0.5),
         "a": np.arange(0.0, 25.1, 5.0), "b": np.arange(0.0, 25.1, 5.0)}
@@ -230,7 +232,8 @@ def fit_table(rows: list[dict], *, params_column: str = "params", n_boot: int = 
            "frontier": frontier(law, budgets, relation, boot, confidence),
            "residuals_log": [float(x) for x in np.log(loss) - np.log(law.loss(n, d))],
            "residual_rms_log": float(np.sqrt(np.mean((np.log(law.loss(n, d)) - np.log(loss)) ** 2))),
-           "width_violations": width_violations(rows, params_column)}
+           "width_violations": width_violations(rows, params_column),
+           "repeated_data": repeated_data(rows)}
     return out, boot
 
 
@@ -264,6 +267,21 @@ def width_violations(rows: list[dict], params_column: str = "params", rtol: floa
     return out
 
 
+def repeated_data(rows: list[dict], max_epochs: float = MAX_EPOCHS) -> list[str]:
+    """Runs that saw their training patients more than ``max_epochs`` times (rows with a
+    ``patients`` column: collected runs): one line each. ``L(N, D)`` counts D as fresh
+    samples; past a few epochs a repeated sample is worth less than a new one (Muennighoff et
+    al. 2023 find ~4 epochs nearly as good as fresh data), and a wide model memorises its
+    patients, so a law fitted through such runs measures the cohort, not the model."""
+    out = []
+    for i, r in enumerate(rows):
+        patients = r.get("patients")
+        if isinstance(patients, numbers.Real) and patients > 0 and r["samples"] / patients > max_epochs:
+            out.append(f"{_name(r, i)} trained on {r['samples']:.6g} samples of {int(patients)} patients "
+                       f"({r['samples'] / patients:.3g} epochs, more than {max_epochs:g})")
+    return out
+
+
 def forecast(law: Law, boot: list[Law], params: float, samples: float, residuals, *,
              confidence: float = 0.95, seed: int = 0) -> dict:
     """The law's loss at ``(params, samples)`` with a prediction interval: percentiles over
@@ -281,4 +299,13 @@ def forecast(law: Law, boot: list[Law], params: float, samples: float, residuals
         q = [(1 - confidence) / 2 * 100, (1 + confidence) / 2 * 100]
         lo, hi = np.percentile(preds * np.exp(eps), q)
         out["interval"] = [float(min(lo, point)), float(max(hi, point))]
+    return out
+
+
+def score(fc: dict, actual: float) -> dict:
+    """A forecast beside the run it forecast: the actual loss, the relative error
+    ``actual / forecast - 1`` and whether the actual lies in the prediction interval."""
+    out = {**fc, "actual": float(actual), "error": float(actual) / fc["loss"] - 1.0}
+    if "interval" in fc:
+        out["inside_interval"] = bool(fc["interval"][0] <= actual <= fc["interval"][1])
     return out

@@ -27,16 +27,24 @@ def run_compute(rows: list[dict], relation: ComputeRelation, params_column: str 
 
 
 def loss_vs_compute(rows: list[dict], law: Law, relation: ComputeRelation, out: str | Path,
-                    params_column: str = "params") -> Path:
+                    params_column: str = "params", forecast: dict | None = None) -> Path:
     """Final validation loss of each run against its training FLOPs, one colour per model
     size, with the fitted ``L(N, D = C / FLOPs per sample)`` of each size (its runs' FLOPs per
-    sample, else ``k N^γ``) and the compute-optimal frontier under ``C = k N^γ D``."""
+    sample, else ``k N^γ``) and the compute-optimal frontier under ``C = k N^γ D``.
+
+    ``forecast`` (``fit.forecast``'s dict, optionally scored and with the run's ``flops``):
+    the forecast at its compute with its interval, the law of its size, and its actual loss."""
     plt = pyplot()
     compute = run_compute(rows, relation, params_column)
     loss = np.array([r["loss"] for r in rows], float)
     sizes = sorted({r[params_column] for r in rows})
     cmap = plt.get_cmap("viridis")
-    grid = np.logspace(np.log10(compute.min()) - 0.4, np.log10(compute.max()) + 0.6, 200)
+    span = compute
+    if forecast is not None:
+        fc_compute = float(forecast.get("flops") or relation.compute([forecast["params"]], [forecast["samples"]])[0])
+        span = np.append(compute, fc_compute)
+        loss = np.append(loss, [forecast["loss"]] + forecast.get("interval", []) + [forecast.get("actual", forecast["loss"])])
+    grid = np.logspace(np.log10(span.min()) - 0.4, np.log10(span.max()) + 0.6, 200)
     fig, ax = plt.subplots(figsize=(7.2, 4.6))
     for i, n in enumerate(sizes):
         color = cmap(i / max(len(sizes) - 1, 1) * 0.9)
@@ -51,6 +59,17 @@ def loss_vs_compute(rows: list[dict], law: Law, relation: ComputeRelation, out: 
         ax.plot(grid, law.loss(n, d), "-", color=color, lw=1.2, alpha=0.85)
     n_opt, d_opt = optimal_allocation(law, grid, relation)
     ax.plot(grid, law.loss(n_opt, d_opt), "--", color="black", lw=1.4, label="compute-optimal")
+    if forecast is not None:
+        n = forecast["params"]
+        ax.plot(grid, law.loss(n, grid * forecast["samples"] / fc_compute), ":", color="tab:red", lw=1.2)
+        lo, hi = forecast.get("interval", [forecast["loss"]] * 2)
+        ax.errorbar([fc_compute], [forecast["loss"]], yerr=[[forecast["loss"] - lo], [hi - forecast["loss"]]],
+                    fmt="D", color="tab:red", ms=6, capsize=4, zorder=4,
+                    label=f"forecast, N = {_si(n)}" + (f" ({forecast['confidence']:.0%} interval)"
+                                                       if "interval" in forecast else ""))
+        if "actual" in forecast:
+            ax.plot([fc_compute], [forecast["actual"]], "*", color="black", ms=11, zorder=5,
+                    label=f"held-out run ({forecast['error']:+.1%})")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_ylim(loss.min() / 1.25, loss.max() * 1.6)

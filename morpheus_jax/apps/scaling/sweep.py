@@ -247,13 +247,18 @@ def collect_run(run_dir: str | Path, group_sizes: str | Path | None = None) -> d
             "num_prototypes": cfg.model.num_prototypes, "train_fraction": cfg.data.train_fraction}
 
 
-def collect(runs_dir: str | Path, group_sizes: str | Path | None = None) -> list[dict]:
-    """Rows of every finished run under ``runs_dir`` (any depth), sorted by run folder."""
+def collect(runs_dir: str | Path, group_sizes: str | Path | None = None,
+            exclude: str | Path | None = None) -> list[dict]:
+    """Rows of every finished run under ``runs_dir`` (any depth), sorted by run folder, but
+    the run folder ``exclude``."""
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         raise LadderError(f"{runs_dir}: not a folder of runs")
+    skip = Path(exclude).resolve() if exclude is not None else None
     rows = []
     for final in sorted(runs_dir.rglob("final.json")):
+        if final.parent.resolve() == skip:
+            continue
         row = collect_run(final.parent, group_sizes)
         if row is not None:
             rows.append(row)
