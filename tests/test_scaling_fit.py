@@ -10,6 +10,7 @@ import pytest
 from scipy import optimize
 
 from morpheus_jax.apps.scaling import fit as ft
+from morpheus_jax.apps.scaling import sweep as sw
 from morpheus_jax.cli.main import main as cli_main
 
 TRUTH = ft.Law(E=0.6, A=30.0, B=60.0, alpha=0.35, beta=0.30)
@@ -215,13 +216,9 @@ def test_forecast_scores_a_held_out_run(tmp_path, capsys):
     assert plain["loss"] == fc["loss"] and plain["interval"] == fc["interval"]
     # A table: the held-out run by name; the human form reports it.
     rows = [{"run": f"w{i}-d{j}", "params": n, "samples": d, "loss": float(TRUTH.loss(n, d))}
-                      for i, n in enumerate(widths) for j, d in enumerate(datas)]
-    rows.append({"run": "big", "params": held_n, "samples": held_d, "loss": actual})
+            for i, n in enumerate(widths) for j, d in enumerate(datas)]
     table = tmp_path / "t.csv"
-    with open(table, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["run", "params", "samples", "loss"])
-        w.writeheader()
-        w.writerows(rows)
+    sw.write_table(rows + [{"run": "big", "params": held_n, "samples": held_d, "loss": actual}], table)
     assert _cli(["scaling", "forecast", "--table", table, "--held-out", "big", "--bootstrap", 8]) == 0
     out = capsys.readouterr().out
     assert "held-out run big: loss" in out and "from the forecast" in out and "on 12 runs" in out
@@ -244,12 +241,9 @@ def test_fit_warns_when_runs_repeat_their_data(tmp_path, capsys):
     # Through the CLI: a collected table carries the patients column.
     widths, datas = np.logspace(5, 6.5, 3), np.logspace(5, 6.5, 2)
     table = tmp_path / "t.csv"
-    with open(table, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["run", "params", "samples", "loss", "patients"])
-        for i, n in enumerate(widths):
-            for j, d in enumerate(datas):
-                w.writerow([f"w{i}-d{j}", n, d, float(TRUTH.loss(n, d)), d / 5 if (i, j) == (1, 1) else d])
+    sw.write_table([{"run": f"w{i}-d{j}", "params": n, "samples": d, "loss": float(TRUTH.loss(n, d)),
+                     "patients": d / 5 if (i, j) == (1, 1) else d}
+                    for i, n in enumerate(widths) for j, d in enumerate(datas)], table)
     assert _cli(["scaling", "fit", "--table", table, "--out", tmp_path / "fit", "--bootstrap", 0, "--no-plots"]) == 0
     lines = [x for x in capsys.readouterr().err.splitlines() if "repeated data" in x]
     assert len(lines) == 1 and "w1-d1 trained on" in lines[0] and "(5 epochs" in lines[0], lines

@@ -54,7 +54,8 @@ def _rows(args, exclude: Path | None = None) -> list[dict]:
 
 
 def _fit(args, rows, relation=None):
-    """The fit of ``rows``, warning (stderr) about every wider run that ends above a smaller one."""
+    """The fit of ``rows``: (report, bootstrap laws, law, compute relation), warning (stderr)
+    about every wider run that ends above a smaller one and every run that repeats its data."""
     from morpheus_jax.apps.scaling import fit as ft  # lazy: start-up time
     from morpheus_jax.core import log  # lazy: start-up time
 
@@ -64,7 +65,9 @@ def _fit(args, rows, relation=None):
         log.warning(f"not monotone in width: {line} (an untuned learning rate or an unconverged run?)")
     for line in report["repeated_data"]:
         log.warning(f"repeated data: {line}; the law counts fresh samples (a larger cohort, or shorter runs)")
-    return report, boot
+    law = ft.Law(**{k: report[k] for k in ("E", "A", "B", "alpha", "beta")})
+    relation = ft.ComputeRelation(**{k: report["compute_relation"][k] for k in ("k", "gamma", "source")})
+    return report, boot, law, relation
 
 
 def _held_out(args) -> tuple[dict | None, list[dict]]:
@@ -98,8 +101,7 @@ def cmd_forecast(args) -> int:
     from morpheus_jax.apps.scaling import fit as ft  # lazy: start-up time
 
     held, rows = _held_out(args)
-    report, boot = _fit(args, rows)
-    law = ft.Law(report["E"], report["A"], report["B"], report["alpha"], report["beta"])
+    report, boot, law, relation = _fit(args, rows)
     n = held[args.params_column] if held else args.params
     d = held["samples"] if held else args.samples
     fc = ft.forecast(law, boot, n, d, report["residuals_log"], confidence=args.confidence, seed=args.seed)
@@ -109,9 +111,7 @@ def cmd_forecast(args) -> int:
     if args.plot:
         from morpheus_jax.apps.scaling import plots  # lazy: start-up time
 
-        rel = ft.ComputeRelation(report["compute_relation"]["k"], report["compute_relation"]["gamma"],
-                                 report["compute_relation"]["source"])
-        plots.loss_vs_compute(rows, law, rel, args.plot, args.params_column,
+        plots.loss_vs_compute(rows, law, relation, args.plot, args.params_column,
                               forecast={**fc, "flops": held.get("flops") if held else None})
     if args.json:
         print(json.dumps(fc))
@@ -137,15 +137,12 @@ def cmd_fit(args) -> int:
 
     rows = _rows(args)
     relation = ft.ComputeRelation() if args.compute == "6nd" else None
-    report, boot = _fit(args, rows, relation)
+    report, boot, law, rel = _fit(args, rows, relation)
     out = Path(args.out)
     sw.write_table(rows, out / "table.csv")
     write_json(out / "fit.json", report)
     written = [out / "fit.json", out / "table.csv"]
     if not args.no_plots:
-        law = ft.Law(report["E"], report["A"], report["B"], report["alpha"], report["beta"])
-        rel = ft.ComputeRelation(report["compute_relation"]["k"], report["compute_relation"]["gamma"],
-                                 report["compute_relation"]["source"])
         written.append(plots.loss_vs_compute(rows, law, rel, out / "loss_vs_compute.png", args.params_column))
         written.append(plots.optimal_allocation_plot(law, rel, out / "optimal_allocation.png",
                                                      [f["compute"] for f in report["frontier"]], boot, rows,
@@ -156,14 +153,13 @@ def cmd_fit(args) -> int:
         v = f"{report[k]:.4g}"
         return v + (f" [{ci[k][0]:.4g}, {ci[k][1]:.4g}]" if k in ci else "")
 
-    rel = report["compute_relation"]
     print(f"L(N, D) = E + A/N^alpha + B/D^beta on {report['n_points']} runs "
           f"(rms log residual {report['residual_rms_log']:.4f}; {report['bootstrap_samples']} bootstrap fits, "
           f"{report['confidence']:.0%} intervals)")
     for k in ("E", "A", "B", "alpha", "beta"):
         print(f"  {k:<5} = {show(k)}")
     ex = report["optimal_exponents"]
-    print(f"compute C = {rel['k']:.4g} * N^{rel['gamma']:.3f} * D ({rel['source']}): "
+    print(f"compute C = {rel.k:.4g} * N^{rel.gamma:.3f} * D ({rel.source}): "
           f"N_opt ~ C^{ex['params']:.3f}, D_opt ~ C^{ex['samples']:.3f}")
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
@@ -252,7 +248,9 @@ def register(subparsers) -> None:
     f = sub.add_parser("forecast", help="forecast the loss of a run at N params and D samples from a fit",
                        description="Fit L(N, D) to a sweep's runs (or a table) as `scaling fit` does and print the "
                                    "law's loss at --params N and --samples D with a prediction interval "
-                                   "(bootstrap laws times the runs' own scatter around the fit).")
+                                   "(bootstrap laws times the runs' own scatter around the fit); with "
+                                   "--held-out RUN, the run is left out of the fit, forecast at its own N and D "
+                                   "and scored against its final loss.")
     _source_args(f)
     f.add_argument("--params", type=float, help="N: parameters of the run to forecast (e.g. 2.4e6)")
     f.add_argument("--samples", type=float, help="D: its training samples (steps x global batch)")

@@ -39,11 +39,12 @@ def loss_vs_compute(rows: list[dict], law: Law, relation: ComputeRelation, out: 
     loss = np.array([r["loss"] for r in rows], float)
     sizes = sorted({r[params_column] for r in rows})
     cmap = plt.get_cmap("viridis")
-    span = compute
+    span, shown = compute, loss                        # x and y values the axes must hold
     if forecast is not None:
         fc_compute = float(forecast.get("flops") or relation.compute([forecast["params"]], [forecast["samples"]])[0])
         span = np.append(compute, fc_compute)
-        loss = np.append(loss, [forecast["loss"]] + forecast.get("interval", []) + [forecast.get("actual", forecast["loss"])])
+        shown = np.append(loss, [forecast["loss"], forecast.get("actual", forecast["loss"]),
+                                 *forecast.get("interval", [])])
     grid = np.logspace(np.log10(span.min()) - 0.4, np.log10(span.max()) + 0.6, 200)
     fig, ax = plt.subplots(figsize=(7.2, 4.6))
     for i, n in enumerate(sizes):
@@ -72,7 +73,7 @@ def loss_vs_compute(rows: list[dict], law: Law, relation: ComputeRelation, out: 
                     label=f"held-out run ({forecast['error']:+.1%})")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_ylim(loss.min() / 1.25, loss.max() * 1.6)
+    ax.set_ylim(shown.min() / 1.25, shown.max() * 1.6)
     from matplotlib.ticker import LogLocator, ScalarFormatter  # lazy: start-up time
     ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
     ax.yaxis.set_major_formatter(ScalarFormatter())
