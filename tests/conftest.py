@@ -50,6 +50,13 @@ def tiny_model_config(**kw):
     return ModelConfig(**base)
 
 
+@pytest.fixture(autouse=True)
+def _own_working_folder(tmp_path_factory, monkeypatch):
+    """Every test runs in a fresh empty folder: nothing it does depends on (or writes to) the
+    folder pytest was started in (a newcomer runs the suite where the demo left data/ and runs/)."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 @pytest.fixture
 def layouts():
     return make_layouts()

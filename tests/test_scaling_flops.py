@@ -127,3 +127,18 @@ def test_peak_table_and_mfu():
     assert t["model_tflops_per_device"] == pytest.approx(0.25)
     assert t["mfu"] == pytest.approx(0.25e12 / 275e12)
     assert "mfu" not in fl.throughput(f, 1000.0, 1, "cpu")
+
+
+def test_explicit_group_sizes_win_over_the_dataset_at_data_dir(tiny_dataset, capsys):
+    """`scaling flops --group-sizes` answers for the sizes asked for even where a dataset
+    exists at the config's data.dir (it used to print the dataset's FLOPs silently)."""
+    from morpheus_jax.cli.main import main
+
+    def params(*argv):
+        assert main(["scaling", "flops", "--config", "paper", "--json", *argv]) == 0
+        return json.loads(capsys.readouterr().out)["params"]["total"]
+
+    paper = params("--group-sizes", "paper_group_sizes", "data.dir=/nonexistent")
+    assert paper / 1e6 == pytest.approx(33.98, abs=0.01)
+    assert params("--group-sizes", "paper_group_sizes", f"data.dir={tiny_dataset}") == paper
+    assert params(f"data.dir={tiny_dataset}") < paper       # without the flag: the dataset's groups

@@ -179,8 +179,7 @@ def test_every_flag_has_help():
                 assert opt in text
 
 
-def test_shipped_ladders_expand(monkeypatch):
-    monkeypatch.chdir(ROOT)
+def test_shipped_ladders_expand():
     tiny = sw.plan(load_ladder("tiny"))
     assert [r["run"].name for r in tiny] == ["h16-n1600", "h16-n4800", "h32-n1600", "h32-n4800", "h64-n1600",
                                               "h64-n4800"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 from morpheus_jax.cli.common import modality_paths
@@ -9,11 +10,28 @@ from morpheus_jax.core.errors import ConfigError, DatasetError
 
 
 def cmd_synth(args) -> int:
+    if args.format == "tcga-public":
+        return _synth_tcga_public(args)
+    if args.methylation_probes is not None:
+        raise ConfigError("--methylation-probes only applies to --format tcga-public")
     from morpheus_jax.data.synth import write_synthetic_cohort  # lazy: start-up time
-    info = write_synthetic_cohort(args.out_dir, n_patients=args.patients, seed=args.seed,
-                                  feature_dim=args.feature_dim, mean_patches_per_slide=args.patches_per_slide,
-                                  overwrite=args.overwrite)
+    info = write_synthetic_cohort(args.out_dir, n_patients=500 if args.patients is None else args.patients,
+                                  seed=args.seed, feature_dim=args.feature_dim,
+                                  mean_patches_per_slide=args.patches_per_slide, overwrite=args.overwrite)
     print({k: v for k, v in info.items() if not isinstance(v, (dict, list)) or k == "counts"})
+    return 0
+
+
+def _synth_tcga_public(args) -> int:
+    from morpheus_jax.data.tcga.synth import write_public_download  # lazy: start-up time
+    info = write_public_download(args.out_dir, n_patients=120 if args.patients is None else args.patients,
+                                 seed=args.seed, feature_dim=args.feature_dim,
+                                 mean_patches_per_slide=args.patches_per_slide,
+                                 methylation_probes=args.methylation_probes, overwrite=args.overwrite)
+    print(f"wrote a synthetic public TCGA download of {info['n_patients']} patients "
+          f"({', '.join(info['projects'])}) to {info['out_dir']}; planted edge cases: {info['truth_json']}")
+    print("build a raw cohort from it with:")
+    print("  morpheus tcga build OUT_BUILD " + shlex.join(info["build_args"]))
     return 0
 
 
@@ -56,14 +74,23 @@ def cmd_inspect(args) -> int:
 
 def register(sub) -> None:
     """Add ``synth``, ``prepare`` and ``inspect`` to the ``morpheus`` subcommands."""
-    s = sub.add_parser("synth", help="write a synthetic cohort in the raw TCGA file layout",
+    s = sub.add_parser("synth", help="write a synthetic cohort in the raw TCGA file layout (or as public downloads)",
                        description="Write a synthetic cohort (metadata.csv, features/**.h5, omics/*.csv, "
-                                   "mappings/*.json) whose modalities share latent patient factors.")
+                                   "mappings/*.json) whose modalities share latent patient factors; with "
+                                   "--format tcga-public, the same cohort as the public TCGA downloads (Xena "
+                                   "matrices, GDC files and sample sheets, clinical.tsv, …) that "
+                                   "`morpheus tcga build` reads, with truth.json naming its planted edge cases.")
     s.add_argument("out_dir", help="output folder (must be empty or absent)")
-    s.add_argument("--patients", type=int, default=500, help="number of patients (default 500)")
+    s.add_argument("--format", choices=["raw", "tcga-public"], default="raw",
+                   help="raw: the layout `prepare --raw` reads (default); tcga-public: public TCGA download files")
+    s.add_argument("--patients", type=int, default=None,
+                   help="number of patients (default 500 for raw, 120 for tcga-public)")
     s.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files (default 0)")
     s.add_argument("--feature-dim", type=int, default=1536, help="patch feature dimension (default 1536, UNI2-h)")
     s.add_argument("--patches-per-slide", type=int, default=300, help="mean patches per slide (default 300)")
+    s.add_argument("--methylation-probes", type=int, default=None, metavar="K",
+                   help="tcga-public only: pad each HM450 methylation file to K lines (485577: full-size files, "
+                        "for benchmarks); default: only the probes that carry signal")
     s.add_argument("--overwrite", action="store_true", help="replace an existing non-empty out_dir")
     s.set_defaults(fn=cmd_synth)
 

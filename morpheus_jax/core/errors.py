@@ -43,6 +43,11 @@ class PrepareError(DataError):
     """Raw cohort files that `prepare` cannot turn into a dataset (names the file and field)."""
 
 
+class SourceError(DataError):
+    """Public downloads (slide HDF5s, Xena matrices, GDC files and sheets, clinical tables)
+    that `tcga build` cannot read as their format says (names the file and row or column)."""
+
+
 class DatasetError(DataError):
     """A prepared dataset is missing, incomplete, corrupted or does not fit the model."""
 

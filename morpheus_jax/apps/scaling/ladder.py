@@ -255,8 +255,15 @@ def read_group_sizes(path: str | Path) -> dict[str, list[int]]:
 
 
 def dataset_layouts(cfg: Config, group_sizes: str | Path | None = None):
-    """Group layouts of the run's dataset (its manifest), else sizes from ``group_sizes``;
-    None when neither is available."""
+    """Group layouts from ``group_sizes`` when given (an explicit flag wins), else from the
+    run's dataset (its manifest); None when neither is available."""
+    if group_sizes:
+        sizes = read_group_sizes(group_sizes)
+        absent = [m for m in cfg.model.modalities if m not in sizes]
+        if absent:
+            raise ConfigError(f"{group_sizes}: no group sizes for {', '.join(absent)} (model.modalities lists "
+                              f"{cfg.model.modalities})")
+        return {m: sizes[m] for m in cfg.model.modalities}
     manifest = Path(cfg.data.dir) / "manifest.json"
     if manifest.exists():
         man = records.load_manifest(cfg.data.dir)
@@ -265,13 +272,6 @@ def dataset_layouts(cfg: Config, group_sizes: str | Path | None = None):
             raise DatasetError(f"{cfg.data.dir}: the dataset has no {', '.join(absent)} data (it has "
                                f"{', '.join(man.modalities)}); model.modalities lists {cfg.model.modalities}")
         return man.layouts(cfg.model.modalities, cfg.model.group_buckets)
-    if group_sizes:
-        sizes = read_group_sizes(group_sizes)
-        absent = [m for m in cfg.model.modalities if m not in sizes]
-        if absent:
-            raise ConfigError(f"{group_sizes}: no group sizes for {', '.join(absent)} (model.modalities lists "
-                              f"{cfg.model.modalities})")
-        return {m: sizes[m] for m in cfg.model.modalities}
     return None
 
 

@@ -79,7 +79,8 @@ def plan(ladder: Ladder, *, need_dataset: bool = False) -> list[dict]:
         if key not in layouts_cache:
             if need_dataset and not (Path(cfg.data.dir) / "manifest.json").exists():
                 ensure_dataset(cfg)
-            layouts_cache[key] = dataset_layouts(cfg, ladder.group_sizes)
+            # A ladder's group_sizes stand in for a dataset not yet prepared; the dataset wins.
+            layouts_cache[key] = dataset_layouts(cfg) or dataset_layouts(cfg, ladder.group_sizes)
         layouts = layouts_cache[key]
         steps = resolve_steps(cfg, run.budget, layouts)
         if run.budget and steps is None and need_dataset:
