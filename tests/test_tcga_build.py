@@ -183,3 +183,83 @@ def test_top_k_with_ties_and_chromosome_blocks_equal_the_transcription():
             assert any(not g for g in expect.values()), e
         else:
             assert groups == expect
+
+
+def _same_output(a: Path, b: Path) -> None:
+    for name in ("metadata.csv", *(f"omics/{m}.csv" for m in ("rna", "dnam", "cnv")),
+                 *(f"mappings/{m}.json" for m in ("rna", "dnam", "cnv"))):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert sorted(p.name for p in (a / "features").iterdir()) == sorted(p.name for p in (b / "features").iterdir())
+
+
+def test_workers_gene_set_table_and_rebuild_give_the_same_output(download, built, tmp_path):
+    args = list(download["build_args"])
+    args[args.index("--gene-sets") + 1] = str(download["gene_set_table"])
+    out = tmp_path / "raw"
+    shutil.copytree(built, out, symlinks=True)                    # an earlier build is replaced
+    assert _build(out, args, "--workers", "2") == 0
+    _same_output(built, out)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_given_mappings_keep_their_groups_and_report_what_the_data_lacks(download, built, tmp_path):
+    maps = {}
+    for m in ("rna", "cnv", "dnam"):
+        groups = _mapping(built, m)
+        first = next(iter(groups))
+        groups[first] = groups[first] + [f"NOT_IN_DATA_{m}"]
+        maps[m] = tmp_path / f"{m}.json"
+        maps[m].write_text(json.dumps(groups))
+    args = list(download["build_args"])
+    i = args.index("--gene-sets")
+    del args[i:i + 2]
+    out = tmp_path / "raw"
+    assert _build(out, args, "--mapping", *(f"{m}={p}" for m, p in maps.items())) == 0
+    _same_output(built, out)
+    prov = json.loads((out / "provenance.json").read_text())
+    for m in maps:
+        assert prov["features"][m]["mapping features the data lacks"] == [f"NOT_IN_DATA_{m}"]
+
+
+def test_cnv_pipeline_option_takes_that_pipelines_files(download, tmp_path):
+    out = tmp_path / "raw"
+    assert _build(out, download["build_args"], "--cnv-pipeline", "ascat3") == 0
+    prov = json.loads((out / "provenance.json").read_text())
+    chosen = {p: v["cnv"].get("file", "") for p, v in prov["patients"].items()}
+    assert chosen and all(".ascat3." in f for f in chosen.values() if f)
+    with_ascat3 = [p for p in download["truth"]["cnv_other_pipelines"] if chosen.get(p)]
+    assert with_ascat3 and len(with_ascat3) == sum(bool(f) for f in chosen.values())
+
+
+def test_edge_cases_of_the_download(download, built):
+    t = download["truth"]
+    meta = pd.read_csv(built / "metadata.csv", dtype=str, keep_default_na=False)
+    ids = set(meta["submitter_id"])
+    assert not ids & set(t["not_in_clinical"]) and not ids & set(t["clinical_only"])
+    rna, cnv, dnam = (_omics(built, m) for m in ("rna", "cnv", "dnam"))
+    assert not set(rna.index) & set(t["rna_only_normal"])
+    assert not set(cnv.columns) & set(t["cnv_lncrna_genes"] + t["cnv_chrx_genes"] + t["cnv_chry_genes"])
+    assert not set(dnam.columns) & set(t["epic_only_probes"] + t["probes_not_in_manifest"] + t["dnam_chrx_probes"])
+    assert not set(rna.columns) & set(t["rna_absent_genes"] + t["rna_extra_genes"])
+    idh = meta.set_index("submitter_id")["IDH"]
+    assert all(idh[p] != "" for p in t["clinical_idh_second_row"] if p in idh)   # first non-missing row wins
+    prov = json.loads((built / "provenance.json").read_text())
+    assert {"parameters", "inputs", "patients", "dropped", "features"} <= set(prov)
+    assert prov["parameters"]["seed"] == 42 and prov["parameters"]["cnv_features"] == 6750
+    assert all({"bytes", "mtime"} <= set(r) for r in prov["inputs"]["dnam_files"])
+
+
+def test_prepare_and_two_training_steps_on_the_build(built, tmp_path):
+    from morpheus_jax.apps.pretrain import pretrain
+    from morpheus_jax.core.config import load_config
+
+    assert main(["prepare", "--raw", str(built), "--out", str(tmp_path / "ds"), "--wsi-dim", str(TINY_DIM),
+                 "--no-progress"]) == 0
+    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    assert {m: len(manifest["modalities"][m]["groups"]) for m in ("rna", "dnam", "cnv")} == {
+        "rna": len(_mapping(built, "rna")), "dnam": 50, "cnv": 50}
+    cfg = load_config(None, tiny_overrides(tmp_path / "ds", tmp_path / "run", "train.steps=2"))
+    pretrain(cfg, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 2 and np.isfinite(losses).all()

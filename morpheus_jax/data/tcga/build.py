@@ -67,6 +67,8 @@ class BuildOptions:
                         ("--workers", self.workers)):
             if k < 1:
                 raise SourceError(f"{flag} {k}: expected a positive integer")
+        if not 0 <= self.seed < 2 ** 32:
+            raise SourceError(f"--seed {self.seed}: expected an integer in [0, 2**32 - 1]")
         for flag, f in (("--fine-tune-fraction", self.fine_tune_fraction), ("--val-fraction", self.val_fraction)):
             if not 0 <= f < 1:
                 raise SourceError(f"{flag} {f}: expected a fraction in [0, 1)")
@@ -218,7 +220,7 @@ def _gdc_files(modality: str, opts: BuildOptions, cohort: Cohort, prov: dict) ->
         tag = PIPELINES[opts.cnv_pipeline]
         other = [t for t in PIPELINES.values() if t]
         keep = (rows["file_name"].str.contains(tag, regex=False) if tag
-                else ~rows["file_name"].apply(lambda n: any(t in n for t in other)))
+                else ~rows["file_name"].apply(lambda n: any(t in n for t in other)).astype(bool))
         prov["dropped"]["cnv"] = {f"files of other pipelines than {opts.cnv_pipeline}": int((~keep).sum())}
         rows = rows[keep]
     else:
@@ -249,7 +251,10 @@ def _gdc_files(modality: str, opts: BuildOptions, cohort: Cohort, prov: dict) ->
 def _gdc_modality(modality: str, opts: BuildOptions, cohort: Cohort, prov: dict) -> tuple[pd.DataFrame, dict]:
     chosen = _gdc_files(modality, opts, cohort, prov)
     if not chosen:
-        raise SourceError(f"no cohort patient has a {modality} file in the sample sheets "
+        left_out = (prov["dropped"]["cnv"].get(f"files of other pipelines than {opts.cnv_pipeline}", 0)
+                    if modality == "cnv" else 0)
+        why = f" for --cnv-pipeline {opts.cnv_pipeline} ({left_out} files of other pipelines left out)" if left_out else ""
+        raise SourceError(f"no cohort patient has a {modality} file{why} in the sample sheets "
                           f"({', '.join(str(s) for s in opts.sample_sheets)})")
     mapping = read_mapping(opts.mappings[modality]) if modality in opts.mappings else None
     table = (_read_cnv if modality == "cnv" else _read_dnam)(opts, list(chosen.values()), mapping)
@@ -362,6 +367,11 @@ def _swap_in(work: Path, out: Path) -> None:
     old = temp_path(out) if out.exists() else None
     if old is not None:
         os.replace(out, old)
-    os.replace(work, out)
+    try:
+        os.replace(work, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

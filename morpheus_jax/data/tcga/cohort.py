@@ -17,6 +17,8 @@ from morpheus_jax.data.tcga import rules
 from morpheus_jax.data.tcga import sources as src
 
 RESERVED = {"submitter_id", "project_id", "split", "WSI"}
+MODALITY_FILES = {"cnv": "copy-number (*.gene_level_copy_number.v36.tsv)",
+                  "dnam": "methylation (*.methylation_array.sesame.level3betas.txt)"}
 
 
 @dataclasses.dataclass
@@ -43,9 +45,21 @@ def read_cohort(opts, exclude: Path | None = None) -> Cohort:
     clinical = src.read_clinical(opts.clinical, RESERVED)
     sheets = src.read_sample_sheets(opts.sample_sheets)
     sheets["modality"] = [sheet_modality(n, c) for n, c in zip(sheets["file_name"], sheets["category"])]
+    for m, what in MODALITY_FILES.items():
+        if not (sheets["modality"] == m).any():
+            raise SourceError(f"{', '.join(str(s) for s in opts.sample_sheets)}: no row lists a {what} file; "
+                              f"give the GDC sample sheet of the {m} files too (--sample-sheet TSV…)")
     known = set(clinical.patients)
     slides, dropped_slides = _slides(opts, known, exclude)
     patients = [p for p in clinical.patients if slides.get(p)]
+    if not slides:
+        raise SourceError(f"{opts.features}: no slide .h5 file with patches below it (expected the extracted UNI2-h "
+                          "archives, one TCGA-…h5 file per slide)")
+    if not patients:
+        raise SourceError(f"{opts.clinical}: none of its {len(clinical.patients)} patient ids (column "
+                          f"{clinical.id_column!r}, e.g. {clinical.patients[0]!r}) has a slide under {opts.features} "
+                          f"(slides of {len(slides)} patients, e.g. {next(iter(slides))!r}); expected TCGA patient "
+                          "barcodes (TCGA-XX-XXXX), the first 12 characters of the slide file names")
     dropped_patients = {"no slide with patches": len(clinical.patients) - len(patients),
                         "slides but not in the clinical table": len({p for p in slides if p not in known})}
     sheet_project = sheets.drop_duplicates("patient").set_index("patient")["project"].to_dict()
@@ -55,8 +69,11 @@ def read_cohort(opts, exclude: Path | None = None) -> Cohort:
         if not projects[p]:
             raise SourceError(f"{opts.clinical}: patient {p!r} has no project_id (no project column value, no row in "
                               "the sample sheets); the split is stratified by project")
-    split = rules.split_patients(patients, [projects[p] for p in patients], opts.fine_tune_fraction,
-                                 opts.val_fraction, opts.seed)
+    try:
+        split = rules.split_patients(patients, [projects[p] for p in patients], opts.fine_tune_fraction,
+                                     opts.val_fraction, opts.seed)
+    except SourceError as e:  # the cohort (its patients and projects) comes from the clinical table
+        raise SourceError(f"{opts.clinical}: {e}") from None
     return Cohort(patients, projects, split, {p: slides[p] for p in patients}, clinical.labels, sheets,
                   dropped_patients, dropped_slides)
 

@@ -98,7 +98,10 @@ def slide_patches(path: Path) -> int:
                                   "slide file with features [1, N, 1536]")
             shape = data.shape
     except OSError as e:
-        raise SourceError(f"{path}: unreadable HDF5 ({e})") from None
+        if not os.path.isfile(path):
+            raise SourceError(f"{path}: no such file (a broken link?); expected a UNI2-h slide .h5") from None
+        raise SourceError(f"{path}: unreadable HDF5 ({e}); expected a UNI2-h slide file with features "
+                          "[1, N, 1536]") from None
     if len(shape) == 3 and shape[0] == 1:
         shape = shape[1:]
     if len(shape) != 2:
@@ -134,12 +137,17 @@ def xena_values(path: Path, samples: list[str]) -> pd.DataFrame:
                          compression=compression(path), encoding="utf-8-sig")
     except (OSError, EOFError, pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
         raise SourceError(f"{path}: cannot read the Xena matrix ({e})") from None
+    if df.index.size == 0:
+        raise SourceError(f"{path}: a header but no gene rows (expected a Xena matrix, genes × samples)")
     df = df[~df.index.duplicated(keep="first")]
     for col in df.columns:
         if not pd.api.types.is_numeric_dtype(df[col]):
             values = pd.to_numeric(df[col], errors="coerce")
             bad = df[col][values.isna() & df[col].notna()]
-            raise SourceError(f"{path}: sample {col!r}: non-numeric value {bad.iloc[0]!r} for gene {bad.index[0]!r}")
+            if len(bad):
+                raise SourceError(f"{path}: sample {col!r}: non-numeric value {bad.iloc[0]!r} for gene "
+                                  f"{bad.index[0]!r} (expected a number, or NA for missing)")
+            df = df.assign(**{col: values})
     return df.astype(np.float64)
 
 
@@ -161,6 +169,8 @@ def read_sample_sheets(paths: list[Path]) -> pd.DataFrame:
         if not (old or new):
             raise SourceError(f"{path}: a GDC sample sheet needs 'Sample Type' (portal up to 2.3) or 'Tissue Type' and "
                               "'Tumor Descriptor' (portal 2.4, March 2025)")
+        if df.empty:
+            raise SourceError(f"{path}: a header but no rows (expected one row per downloaded file)")
         out = pd.DataFrame({"file_id": df["File ID"].str.strip(), "file_name": df["File Name"].str.strip(),
                             "project": df["Project ID"].str.strip(), "sheet": str(path), "row": df.index + 2,
                             "category": df["Data Category"].str.strip() if "Data Category" in df.columns else ""})
@@ -237,6 +247,8 @@ def read_clinical(path: Path, reserved: set[str]) -> Clinical:
     if id_col is None:
         raise SourceError(f"{path}: no patient id column (expected one of {', '.join(ID_COLUMNS)}; "
                           f"has {list(df.columns)[:8]})")
+    if df.empty:
+        raise SourceError(f"{path}: a header but no rows (expected one row per patient, id in column {id_col!r})")
     clash = sorted((set(df.columns) & reserved) - {id_col, *PROJECT_COLUMNS})
     if clash:
         raise SourceError(f"{path}: column {clash[0]!r} is a name metadata.csv reserves; rename it")
@@ -303,6 +315,12 @@ def read_manifest(path: Path) -> pd.DataFrame:
     if absent:
         raise SourceError(f"{path}: the probe manifest lacks column(s) {absent} (an InfiniumAnnotation manifest has "
                           "CpG_chrm, CpG_beg, CpG_end, probe_strand, probeID, …)")
+    if not pd.api.types.is_numeric_dtype(df["CpG_beg"]):
+        values = pd.to_numeric(df["CpG_beg"], errors="coerce")
+        bad = df["CpG_beg"][values.isna() & df["CpG_beg"].notna()]
+        if len(bad):
+            raise SourceError(f"{path}: row {int(bad.index[0]) + 2}: column 'CpG_beg': expected a position (or NA), "
+                              f"got {bad.iloc[0]!r}")
     df = df[~df["probeID"].duplicated()]
     pos = pd.to_numeric(df["CpG_beg"], errors="coerce")
     return pd.DataFrame({"probe": df["probeID"].to_numpy(), "chrom": [chromosome(c) for c in df["CpG_chrm"]],
@@ -339,12 +357,19 @@ def read_cnv_file(path: Path) -> pd.DataFrame:
     if absent:
         raise SourceError(f"{path}: no column(s) {absent} (expected a GDC gene-level copy-number TSV: gene_id, "
                           "gene_name, chromosome, start, end, copy_number, …)")
+    if df.empty:
+        raise SourceError(f"{path}: a header but no gene rows (expected a GDC gene-level copy-number TSV)")
+    blank = np.flatnonzero(df["gene_name"].isna().to_numpy())
+    if blank.size:
+        raise SourceError(f"{path}: row {int(blank[0]) + 2}: column 'gene_name' is empty (expected a gene name)")
     for col in ("copy_number", "start"):
         if not pd.api.types.is_numeric_dtype(df[col]):
             values = pd.to_numeric(df[col], errors="coerce")
             bad = df[col][values.isna() & df[col].notna()]
-            raise SourceError(f"{path}: row {int(bad.index[0]) + 2}: column {col!r}: expected a number, "
-                              f"got {bad.iloc[0]!r}")
+            if len(bad):
+                raise SourceError(f"{path}: row {int(bad.index[0]) + 2}: column {col!r}: expected a number, "
+                                  f"got {bad.iloc[0]!r}")
+            df[col] = values
     cn = df["copy_number"].to_numpy(np.float64)
     neg = np.flatnonzero(cn < 0)
     if neg.size:
@@ -367,10 +392,12 @@ def read_betas(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not pd.api.types.is_numeric_dtype(beta):
         values = pd.to_numeric(beta, errors="coerce")
         bad = np.flatnonzero((values.isna() & beta.notna()).to_numpy())
-        if bad[0] == 0:
+        if bad.size and bad[0] == 0:
             raise SourceError(f"{path}: line 1 is a header ({df.iloc[0, 0]!r}, {beta.iloc[0]!r}); a SeSAMe "
                               "level-3 betas file has none (expected 'cg00000029<TAB>0.123')")
-        raise SourceError(f"{path}: line {bad[0] + 1}: beta {beta.iloc[bad[0]]!r} is not a number")
+        if bad.size:
+            raise SourceError(f"{path}: line {bad[0] + 1}: beta {beta.iloc[bad[0]]!r} is not a number")
+        beta = values
     values = beta.to_numpy(np.float64)
     out = np.flatnonzero((values < 0) | (values > 1))
     if out.size:
