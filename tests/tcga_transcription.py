@@ -8,7 +8,6 @@ import math
 from pathlib import Path
 
 import h5py
-import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 

@@ -48,7 +48,6 @@ def _mapping(out: Path, m: str) -> dict:
 
 
 def test_build_equals_an_independent_transcription_of_the_rules(download, built):
-    p = download["paths"] if "paths" in download else download
     args = download["build_args"]
     arg = {flag: args[args.index(flag) + 1] for flag in ("--features", "--cnv", "--dnam", "--clinical",
                                                          "--gene-sets", "--probe-manifest", "--gene-types")}

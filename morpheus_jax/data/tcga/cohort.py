@@ -3,7 +3,6 @@ authors' order, their project and split, and the sample sheets' rows by modality
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import dataclasses
 import os
 from pathlib import Path
@@ -14,6 +13,7 @@ from tqdm import tqdm
 from morpheus_jax.core.errors import SourceError
 from morpheus_jax.core.log import progress_off
 from morpheus_jax.data.tcga import rules
+from morpheus_jax.data.tcga.omics import pool
 from morpheus_jax.data.tcga import sources as src
 
 RESERVED = {"submitter_id", "project_id", "split", "WSI"}
@@ -101,5 +101,5 @@ def _patch_counts(paths: list[Path], workers: int, progress: bool) -> list[int]:
     bar = dict(total=len(paths), desc="slides", disable=progress_off(progress))
     if workers <= 1 or len(paths) < 64:
         return [src.slide_patches(p) for p in tqdm(paths, **bar)]
-    with cf.ProcessPoolExecutor(max_workers=min(workers, os.cpu_count() or 1)) as pool:
-        return list(tqdm(pool.map(src.slide_patches, paths, chunksize=32), **bar))
+    with pool(workers) as workers_pool:
+        return list(tqdm(workers_pool.map(src.slide_patches, paths, chunksize=32), **bar))

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import multiprocessing
 import os
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -121,11 +123,17 @@ def read_table(paths: list[Path], state: dict, names: list[str], chrom: list, po
     return Table(values, listed, keys + list(added), names, chrom, np.asarray(pos, np.float64), unmatched)
 
 
+def pool(workers: int, **kwargs) -> cf.ProcessPoolExecutor:
+    """Worker processes: forked (fast start) unless JAX runs in this process (forking a
+    multithreaded process can deadlock), then spawned."""
+    context = multiprocessing.get_context("spawn" if "jax" in sys.modules else "fork")
+    return cf.ProcessPoolExecutor(max_workers=min(workers, os.cpu_count() or 1), mp_context=context, **kwargs)
+
+
 def _map(paths: list[Path], state: dict, row_fn: Callable, workers: int):
     if workers <= 1 or len(paths) < 2:
         _init(state)
         yield from (row_fn(str(p)) for p in paths)
         return
-    with cf.ProcessPoolExecutor(max_workers=min(workers, len(paths), os.cpu_count() or 1),
-                                initializer=_init, initargs=(state,)) as pool:
-        yield from pool.map(row_fn, [str(p) for p in paths], chunksize=4)
+    with pool(min(workers, len(paths)), initializer=_init, initargs=(state,)) as workers_pool:
+        yield from workers_pool.map(row_fn, [str(p) for p in paths], chunksize=4)
