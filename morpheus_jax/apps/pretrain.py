@@ -15,6 +15,7 @@ from the same global batch index, since batch k is a pure function of the seed a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from morpheus_jax.core.spec import BUCKETED_LAYOUT
 from morpheus_jax.data import pipeline, records
 from morpheus_jax.data.prepare import PrepareOptions, RawCohort, prepare, summary
 from morpheus_jax.data.synth import write_synthetic_cohort
+from morpheus_jax.engine import bank as device_bank
 from morpheus_jax.engine.run import Run, build_run, model_spec
 from morpheus_jax.engine.trainer import Trainer
 from morpheus_jax.engine.validation import Evaluator, reconstruction_report
@@ -129,6 +131,31 @@ class RunFolder:
             loss_plot(self.metrics, self.dir / "plots" / "loss.png")
 
 
+@dataclasses.dataclass
+class InputPath:
+    """Where the step's bags come from (``data.patch_source``): the host batch stream, the
+    keys handed to the device, the compiled step and the bytes it takes from the host."""
+
+    dataset: object
+    keys: tuple[str, ...]
+    step: object
+    input_bytes: dict
+
+
+def _input_path(run: Run) -> InputPath:
+    cfg = run.cfg
+    compiled = run.compile_step() if cfg.data.patch_source != "device" else None
+    if device_bank.resolve_source(run, compiled) == "device":
+        bank = device_bank.build_bank(run, cfg.data.bank_dtype)
+        return InputPath(bank.dataset(cfg.seed), batch_contract.BANK_KEYS, bank.compile_step(),
+                         device_bank.input_bytes(bank.abstract_batch(), None))
+    ds = pipeline.train_dataset(run.root, "pretrain", global_batch=cfg.train.global_batch_size,
+                                num_patches=cfg.data.num_patches, seed=cfg.seed, modalities=tuple(run.layouts),
+                                process_index=jax.process_index(), process_count=jax.process_count(),
+                                manifest=run.manifest, fraction=cfg.data.train_fraction)
+    return InputPath(ds, batch_contract.KEYS, compiled, device_bank.input_bytes(run.abstract_batch(), "wsi"))
+
+
 def _describe(run: Run, folder: RunFolder, flops_info: dict, param_info: dict) -> None:
     cfg, mesh = run.cfg, run.mesh
     n_params = run.codec.stored_size()
@@ -149,11 +176,8 @@ def pretrain(cfg: Config, *, progress: bool = True) -> dict:
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     gbs = cfg.train.global_batch_size
     ckpt = Checkpointer(checkpoint_dir(cfg.run_dir), keep=cfg.checkpoint.keep, keep_best=cfg.checkpoint.keep_best)
-    ds = pipeline.train_dataset(run.root, "pretrain", global_batch=gbs, num_patches=cfg.data.num_patches,
-                                seed=cfg.seed, modalities=tuple(run.layouts), process_index=jax.process_index(),
-                                process_count=jax.process_count(), manifest=run.manifest,
-                                fraction=cfg.data.train_fraction)
-    data_iter = pipeline.train_iterator(ds, cfg.data.worker_count, cfg.data.prefetch_buffer)
+    feed = _input_path(run)
+    data_iter = pipeline.train_iterator(feed.dataset, cfg.data.worker_count, cfg.data.prefetch_buffer)
     state, start = _restore_or_init(run, ckpt, data_iter)
     folder = RunFolder(run, start)
     flops_info = scaling_flops.step_flops(cfg.model, run.layouts, gbs, cfg.data.num_patches, cfg.masking.ratio)
@@ -175,12 +199,12 @@ def pretrain(cfg: Config, *, progress: bool = True) -> dict:
         folder.record(row)
 
     trainer = Trainer(
-        run.compile_step(), run.steps, gbs, to_device=lambda host: shd.host_to_global(
-            batch_contract.select(host), run.mesh, run.rules),
+        feed.step, run.steps, gbs, to_device=lambda host: shd.host_to_global(
+            batch_contract.select(host, feed.keys), run.mesh, run.rules),
         log_every=cfg.train.log_every, eval_every=cfg.train.eval_every,
         evaluate=lambda state: evaluator.loss(state["params"]), on_row=on_row,
-        extra_row=lambda row: scaling_flops.throughput(flops_info, row["samples_per_s"], jax.device_count(),
-                                                       device_kind, cfg.model.compute_dtype),
+        extra_row=lambda row: {**feed.input_bytes, **scaling_flops.throughput(
+            flops_info, row["samples_per_s"], jax.device_count(), device_kind, cfg.model.compute_dtype)},
         checkpoint_every=cfg.checkpoint.every, save=save, preemption_every=cfg.checkpoint.preemption_check_every,
         max_skipped_in_a_row=cfg.train.max_skipped_in_a_row,
         progress=progress, desc="pretrain")

@@ -59,6 +59,12 @@ class DataConfig:
     # smallest that holds the bag (few shapes to compile).
     eval_bag_bucket: int = 1024
     allow_missing_modalities: bool = False
+    # Where training bags come from: "stream" (read from the dataset on the host each step),
+    # "device" (every device holds its shard of patients' patches in memory and draws the
+    # bags in the step; the host sends omics and keys), "auto" (device when it fits).
+    patch_source: str = "stream"
+    # The device bank's dtype: float16, or int8 with a per-patch absmax scale (half the memory).
+    bank_dtype: str = "float16"
 
 
 @dataclasses.dataclass
@@ -350,6 +356,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.prototype_init must be 'zeros' or 'normal', got {m.prototype_init!r}")
     if cfg.train.nonfinite not in ("stop", "skip"):
         raise ConfigError(f"train.nonfinite must be 'stop' or 'skip', got {cfg.train.nonfinite!r}")
+    if cfg.data.patch_source not in ("stream", "device", "auto"):
+        raise ConfigError(f"data.patch_source must be 'stream', 'device' or 'auto', got {cfg.data.patch_source!r}")
+    if cfg.data.bank_dtype not in ("float16", "int8"):
+        raise ConfigError(f"data.bank_dtype must be 'float16' or 'int8', got {cfg.data.bank_dtype!r}")
     if cfg.train.mu_dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"train.mu_dtype must be float32 or bfloat16, got {cfg.train.mu_dtype!r}")
     if m.compute_dtype not in ("float32", "bfloat16"):

@@ -79,12 +79,16 @@ class Run:
                               {m: lay.num_features for m, lay in self.layouts.items()})
         return batch.abstract(shapes, self.batch_shardings)
 
+    def train_step(self):
+        """``(state, batch) → (state, metrics)``, not jitted (`jitted_step`, the device bank's step)."""
+        return make_train_step(self.codec, self.tx, self.schedule, self.layouts, self.cfg.masking.ratio,
+                               skip_nonfinite=self.cfg.train.nonfinite == "skip",
+                               accum_steps=self.cfg.train.grad_accum_steps)
+
     def jitted_step(self):
         """The train step, jitted with explicit shardings and donated state (not compiled:
         `compile_step` compiles it here, `jax.export` lowers it for other platforms)."""
-        step = make_train_step(self.codec, self.tx, self.schedule, self.layouts, self.cfg.masking.ratio,
-                               skip_nonfinite=self.cfg.train.nonfinite == "skip",
-                               accum_steps=self.cfg.train.grad_accum_steps)
+        step = self.train_step()
 
         def traced(state, batch):
             with shd.activation_sharding(self.mesh, self.rules):
@@ -96,13 +100,18 @@ class Run:
     def compile_step(self):
         """`jitted_step` compiled ahead of time; its memory analysis is logged."""
         compiled = self.jitted_step().lower(self.abstract_state(), self.abstract_batch()).compile()
-        mem = compiled.memory_analysis()
-        if mem is not None:
-            gb = 1 / 2**30
-            log.info(f"train step memory per device: arguments {mem.argument_size_in_bytes * gb:.2f} GiB, outputs "
-                f"{mem.output_size_in_bytes * gb:.2f} GiB, temporaries {mem.temp_size_in_bytes * gb:.2f} GiB, "
-                f"code {mem.generated_code_size_in_bytes * gb:.3f} GiB")
+        log_memory(compiled)
         return compiled
+
+
+def log_memory(compiled) -> None:
+    """The compiled step's memory analysis, per device (where the backend gives one)."""
+    mem = compiled.memory_analysis()
+    if mem is not None:
+        gb = 1 / 2**30
+        log.info(f"train step memory per device: arguments {mem.argument_size_in_bytes * gb:.2f} GiB, outputs "
+                 f"{mem.output_size_in_bytes * gb:.2f} GiB, temporaries {mem.temp_size_in_bytes * gb:.2f} GiB, "
+                 f"code {mem.generated_code_size_in_bytes * gb:.3f} GiB")
 
 
 def build_run(cfg: Config) -> Run:
