@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from morpheus_jax.cli import data, downstream, export, scaling, tcga, train
+from morpheus_jax.cli import bank, data, downstream, export, scaling, tcga, train
 from morpheus_jax.core.errors import UserError
 
 
@@ -29,14 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="MORPHEUS in JAX: masked omics modelling over H&E patch features, RNA, DNA methylation "
                     "and copy number. Subcommands run the data flow: synth → prepare → pretrain.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=Parser)
-    for module in (data, tcga, train, downstream, export, scaling):
+    for module in (data, tcga, train, bank, downstream, export, scaling):
         module.register(sub)
     return p
 
 
 def command_name(args) -> str:
     """``finetune survival``, ``evaluate reconstruction``, ``scaling fit`` … for messages."""
-    parts = [args.command] + [getattr(args, k) for k in ("evaluation", "task_kind", "scaling_command", "tcga_command")
+    parts = [args.command] + [getattr(args, k) for k in ("evaluation", "task_kind", "scaling_command", "tcga_command", "bank_command")
                               if getattr(args, k, None)]
     return " ".join(parts)
 

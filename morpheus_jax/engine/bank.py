@@ -21,9 +21,10 @@ from jax.sharding import PartitionSpec
 
 from morpheus_jax.core import batch as batch_contract
 from morpheus_jax.core import log
+from morpheus_jax.core.errors import ConfigError
 from morpheus_jax.core import sharding as shd
 from morpheus_jax.data import bank as host_bank
-from morpheus_jax.engine.run import Run, log_memory
+from morpheus_jax.engine.run import Run, build_run, log_memory, plan_run
 
 
 def sample_rows(key: jax.Array, count: jax.Array, num_patches: int, width: int) -> jax.Array:
@@ -203,3 +204,29 @@ def input_bytes(abstract_batch: dict, patch_key: str | None) -> dict[str, int]:
             "input_patch_bytes": int(np.prod(patch.shape)) * np.dtype(patch.dtype).itemsize if patch is not None else 0}
 
 
+
+
+def plan_report(cfg, devices: int, memory_gb: float, dtype: str) -> dict:
+    """`morpheus bank plan`: bank bytes per device for ``devices`` data-parallel devices of
+    ``memory_gb`` GB, the train state's and the step's bytes per device (the step compiled
+    here for one device's rows, its memory analysis), the headroom and whether it fits."""
+    gbs = cfg.train.global_batch_size
+    if devices < 1 or gbs % devices:
+        raise ConfigError(f"--devices {devices}: train.global_batch_size={gbs} must split evenly over the devices")
+    full = build_run(dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=1, fsdp=1, tensor=1)))
+    records = host_bank.training_records(Path(full.root), full.manifest, cfg.data.train_fraction)
+    plan = host_bank.plan_bank(np.asarray([r["patch_count"] for r in records]), devices, full.patch_dim,
+                               cfg.data.num_patches)
+    one = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, global_batch_size=gbs // devices))
+    run = plan_run(one, full.layouts, patch_dim=full.patch_dim, patch_dtype=full.patch_dtype,
+                   num_train=full.num_train, root=full.root, manifest=full.manifest, devices=jax.devices()[:1])
+    compiled = run.jitted_step().lower(run.abstract_state(), run.abstract_batch()).compile()
+    state = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(run.abstract_state()))
+    bank_bytes, step = plan.bytes_per_device(dtype), step_bytes(compiled)
+    memory = int(memory_gb * 1e9)
+    ok, why = fit(bank_bytes, step, memory)
+    return {"dataset": str(cfg.data.dir), "devices": devices, "memory_bytes": memory, "dtype": dtype,
+            "patients": len(records), "max_bag": int(max(c.max() for c in plan.counts)),
+            "bank_rows_per_device": plan.rows, "bank_bytes_per_device": bank_bytes, "state_bytes": state,
+            "step_bytes": step, "headroom_bytes": None if step is None else memory - bank_bytes - step,
+            "fits": ok, "reason": why, "step_compiled_on": jax.devices()[0].platform}
