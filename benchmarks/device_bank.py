@@ -18,28 +18,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_step import cpu_model  # noqa: E402  (the benchmarks' one CPU-model reader)
 
 # name: (peak dense bf16 FLOP/s, HBM bytes/s, host link bytes/s, where the figures come from)
 ACCELERATORS = {
     "H200": (790e12, 4.3e12, 55e9, "measured 8192^3 bf16 product and HBM copy (issue 22); PCIe 5.0 x16"),
     "TPU v5e": (197e12, 819e9, 32e9, "published chip peak and HBM; host link assumed PCIe 4.0 x16"),
 }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _cohort(work: Path, patients: int) -> Path:

@@ -62,6 +62,7 @@ me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource
 json.dump(dict(code=code, wall_s=wall, base_rss_kb=base, main_maxrss_kb=me.ru_maxrss,
                workers_maxrss_kb=kids.ru_maxrss, main_cpu_s=me.ru_utime + me.ru_stime,
                workers_cpu_s=kids.ru_utime + kids.ru_stime), open(sys.argv[1], "w"))
+sys.exit(code)
 """
 
 
@@ -305,7 +306,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--keep", action="store_true", help="keep the download for the next run (else deleted)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
-    work = Path(args.work)
+    work = Path(args.work).resolve()
     dl = download(work, args.patients, args.methylation_probes)
     files = inputs(options(dl["build_args"], 1))
     root = work / "download" / "gdc"

@@ -181,15 +181,23 @@ class RowReader:
         os.close(self.fd)
 
 
+def as_numbers(column: pd.Series) -> tuple[pd.Series, int | None]:
+    """A column as numbers (missing cells stay NaN) and the position of its first cell that is
+    not a number (None when every cell is one)."""
+    if pd.api.types.is_numeric_dtype(column):
+        return column, None
+    values = pd.to_numeric(column, errors="coerce")
+    bad = np.flatnonzero((values.isna() & column.notna()).to_numpy())
+    return values, int(bad[0]) if bad.size else None
+
+
 def _check_chunk(path: Path, modality: str, df: pd.DataFrame, features: list[str]) -> np.ndarray:
     for col in df.columns:
-        if not pd.api.types.is_numeric_dtype(df[col]):
-            values = pd.to_numeric(df[col], errors="coerce")
-            bad = df[col][values.isna() & df[col].notna()]
-            if len(bad):
-                raise PrepareError(f"{path}: column {col!r}: non-numeric value {bad.iloc[0]!r} "
-                                   f"for submitter_id {bad.index[0]!r}")
-            df[col] = values
+        values, bad = as_numbers(df[col])
+        if bad is not None:
+            raise PrepareError(f"{path}: column {col!r}: non-numeric value {df[col].iloc[bad]!r} "
+                               f"for submitter_id {df.index[bad]!r}")
+        df[col] = values
     values = df.to_numpy(np.float64)
     if np.isinf(values).any():
         r, c = np.argwhere(np.isinf(values))[0]

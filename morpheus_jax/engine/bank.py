@@ -81,7 +81,6 @@ class DeviceBank:
         return self.run.cfg.train.global_batch_size // shd.batch_divisor(self.run.mesh, self.run.rules)
 
     def dataset(self, seed: int):
-        cfg = self.run.cfg
         return host_bank.bank_dataset(self.run.root, self.run.manifest, self.records, self.plan,
                                       local_shards=self.local_shards, rows_per_shard=self.rows_per_shard, seed=seed,
                                       modalities=tuple(self.run.layouts))

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from morpheus_jax.core.errors import SourceError
+from morpheus_jax.data.raw import as_numbers
 
 AUTOSOMES = tuple(f"chr{i}" for i in range(1, 23))
 # Clinical id columns, in the order one is looked for (old GDC layout, 2025 layout, SurvPath).
@@ -141,13 +142,11 @@ def xena_values(path: Path, samples: list[str]) -> pd.DataFrame:
         raise SourceError(f"{path}: a header but no gene rows (expected a Xena matrix, genes × samples)")
     df = df[~df.index.duplicated(keep="first")]
     for col in df.columns:
-        if not pd.api.types.is_numeric_dtype(df[col]):
-            values = pd.to_numeric(df[col], errors="coerce")
-            bad = df[col][values.isna() & df[col].notna()]
-            if len(bad):
-                raise SourceError(f"{path}: sample {col!r}: non-numeric value {bad.iloc[0]!r} for gene "
-                                  f"{bad.index[0]!r} (expected a number, or NA for missing)")
-            df = df.assign(**{col: values})
+        values, bad = as_numbers(df[col])
+        if bad is not None:
+            raise SourceError(f"{path}: sample {col!r}: non-numeric value {df[col].iloc[bad]!r} for gene "
+                              f"{df.index[bad]!r} (expected a number, or NA for missing)")
+        df = df.assign(**{col: values})
     return df.astype(np.float64)
 
 
@@ -315,12 +314,10 @@ def read_manifest(path: Path) -> pd.DataFrame:
     if absent:
         raise SourceError(f"{path}: the probe manifest lacks column(s) {absent} (an InfiniumAnnotation manifest has "
                           "CpG_chrm, CpG_beg, CpG_end, probe_strand, probeID, …)")
-    if not pd.api.types.is_numeric_dtype(df["CpG_beg"]):
-        values = pd.to_numeric(df["CpG_beg"], errors="coerce")
-        bad = df["CpG_beg"][values.isna() & df["CpG_beg"].notna()]
-        if len(bad):
-            raise SourceError(f"{path}: row {int(bad.index[0]) + 2}: column 'CpG_beg': expected a position (or NA), "
-                              f"got {bad.iloc[0]!r}")
+    _, bad = as_numbers(df["CpG_beg"])
+    if bad is not None:
+        raise SourceError(f"{path}: row {bad + 2}: column 'CpG_beg': expected a position (or NA), "
+                          f"got {df['CpG_beg'].iloc[bad]!r}")
     df = df[~df["probeID"].duplicated()]
     pos = pd.to_numeric(df["CpG_beg"], errors="coerce")
     return pd.DataFrame({"probe": df["probeID"].to_numpy(), "chrom": [chromosome(c) for c in df["CpG_chrm"]],
@@ -363,13 +360,10 @@ def read_cnv_file(path: Path) -> pd.DataFrame:
     if blank.size:
         raise SourceError(f"{path}: row {int(blank[0]) + 2}: column 'gene_name' is empty (expected a gene name)")
     for col in ("copy_number", "start"):
-        if not pd.api.types.is_numeric_dtype(df[col]):
-            values = pd.to_numeric(df[col], errors="coerce")
-            bad = df[col][values.isna() & df[col].notna()]
-            if len(bad):
-                raise SourceError(f"{path}: row {int(bad.index[0]) + 2}: column {col!r}: expected a number, "
-                                  f"got {bad.iloc[0]!r}")
-            df[col] = values
+        values, bad = as_numbers(df[col])
+        if bad is not None:
+            raise SourceError(f"{path}: row {bad + 2}: column {col!r}: expected a number, got {df[col].iloc[bad]!r}")
+        df[col] = values
     cn = df["copy_number"].to_numpy(np.float64)
     neg = np.flatnonzero(cn < 0)
     if neg.size:
@@ -389,15 +383,13 @@ def read_betas(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if df.shape[1] != 2:
         raise SourceError(f"{path}: expected 2 tab-separated columns (probe, beta) per line, got {df.shape[1]}")
     beta = df[1]
-    if not pd.api.types.is_numeric_dtype(beta):
-        values = pd.to_numeric(beta, errors="coerce")
-        bad = np.flatnonzero((values.isna() & beta.notna()).to_numpy())
-        if bad.size and bad[0] == 0:
-            raise SourceError(f"{path}: line 1 is a header ({df.iloc[0, 0]!r}, {beta.iloc[0]!r}); a SeSAMe "
-                              "level-3 betas file has none (expected 'cg00000029<TAB>0.123')")
-        if bad.size:
-            raise SourceError(f"{path}: line {bad[0] + 1}: beta {beta.iloc[bad[0]]!r} is not a number")
-        beta = values
+    values, bad = as_numbers(beta)
+    if bad == 0:
+        raise SourceError(f"{path}: line 1 is a header ({df.iloc[0, 0]!r}, {beta.iloc[0]!r}); a SeSAMe "
+                          "level-3 betas file has none (expected 'cg00000029<TAB>0.123')")
+    if bad is not None:
+        raise SourceError(f"{path}: line {bad + 1}: beta {beta.iloc[bad]!r} is not a number")
+    beta = values
     values = beta.to_numpy(np.float64)
     out = np.flatnonzero((values < 0) | (values > 1))
     if out.size:
