@@ -12,9 +12,11 @@ order, later files' new genes appended (the files of one GENCODE release share o
 from __future__ import annotations
 
 import concurrent.futures as cf
+import ctypes
 import dataclasses
 import multiprocessing
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Callable
@@ -123,11 +125,23 @@ def read_table(paths: list[Path], state: dict, names: list[str], chrom: list, po
     return Table(values, listed, keys + list(added), names, chrom, np.asarray(pos, np.float64), unmatched)
 
 
-def pool(workers: int, **kwargs) -> cf.ProcessPoolExecutor:
+def _worker_start(parent: int, initializer: Callable | None, initargs: tuple) -> None:
+    """A worker ends with the command that started it (Linux: the parent-death signal), so a
+    killed build leaves no process behind."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+        if os.getppid() != parent:                                    # the parent died before prctl
+            os._exit(1)
+    if initializer is not None:
+        initializer(*initargs)
+
+
+def pool(workers: int, initializer: Callable | None = None, initargs: tuple = ()) -> cf.ProcessPoolExecutor:
     """Worker processes: forked (fast start) unless JAX runs in this process (forking a
     multithreaded process can deadlock), then spawned."""
     context = multiprocessing.get_context("spawn" if "jax" in sys.modules else "fork")
-    return cf.ProcessPoolExecutor(max_workers=min(workers, os.cpu_count() or 1), mp_context=context, **kwargs)
+    return cf.ProcessPoolExecutor(max_workers=min(workers, os.cpu_count() or 1), mp_context=context,
+                                  initializer=_worker_start, initargs=(os.getpid(), initializer, initargs))
 
 
 def _map(paths: list[Path], state: dict, row_fn: Callable, workers: int):
