@@ -219,6 +219,19 @@ def run_build(build_args: list[str], out: Path, workers: int) -> tuple[dict, dic
     return figures, prov
 
 
+def cpu_times() -> list[int]:
+    """The machine's CPU time counters (/proc/stat: user nice system idle iowait irq softirq steal)."""
+    return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+
+
+def machine_share(before: list[int], after: list[int]) -> dict:
+    """Shares of the machine's CPU time between two `cpu_times`: idle (idle + iowait) and
+    stolen by the hypervisor; a loaded or oversubscribed machine makes wall times meaningless."""
+    d = [b - a for a, b in zip(before, after)]
+    total = sum(d) or 1
+    return dict(idle=(d[3] + d[4]) / total, steal=d[7] / total)
+
+
 def kept_tables(prov: dict) -> dict:
     """patients with a file × candidate features × 8 bytes (float64), per modality."""
     out = {}
@@ -237,7 +250,9 @@ def one_run(dl: dict, files: dict, sizes: dict, work: Path, workers: int) -> dic
     assert read_bytes == sizes["read"], (read_bytes, sizes["read"])
     parse_s, _ = pool_pass(_parse_file, files["dnam"], workers)
     print(f"workers {workers}: plain read {read_s:.2f} s, parse only {parse_s:.1f} s; building …", file=sys.stderr)
+    load, before = os.getloadavg()[0], cpu_times()
     build, prov = run_build(dl["build_args"], work / f"out-w{workers}", workers)
+    build["machine"] = machine_share(before, cpu_times()) | {"loadavg_1min_before": load}
     read_by_build = {str(Path(r["path"])) for m in ("dnam", "cnv") for r in prov["inputs"][f"{m}_files"]}
     mine = {str(p) for p in files["dnam"] + files["cnv"]}
     wall = build["wall_s"]
@@ -247,6 +262,7 @@ def one_run(dl: dict, files: dict, sizes: dict, work: Path, workers: int) -> dic
         parse=dict(seconds=parse_s, files_per_s=len(files["dnam"]) / parse_s,
                    mb_per_s=sizes["dnam_read"] / MB / parse_s),
         build=build | dict(files_per_s=n_files / wall, mb_per_s=sizes["read"] / MB / wall,
+                           cpu_s_per_file=(build["main_cpu_s"] + build["workers_cpu_s"]) / n_files,
                            provenance_seconds=prov.get("seconds"),
                            ratio_to_plain_read=(sizes["read"] / wall) / (read_bytes / read_s)),
         kept=kept_tables(prov))
@@ -274,8 +290,12 @@ def table(result: dict) -> str:
         ("build: wall s", lambda r: f"{r['build']['wall_s']:.1f}"),
         ("build: files/s, MB/s", lambda r: f"{r['build']['files_per_s']:.2f}, {r['build']['mb_per_s']:.1f}"),
         ("**build / plain read**", lambda r: f"**{r['build']['ratio_to_plain_read']:.4f}**"),
-        ("build CPU s: main, workers",
-         lambda r: f"{r['build']['main_cpu_s']:.0f}, {r['build']['workers_cpu_s']:.0f}"),
+        ("build CPU s: main, workers; per file",
+         lambda r: f"{r['build']['main_cpu_s']:.0f}, {r['build']['workers_cpu_s']:.0f}; "
+                   f"{r['build']['cpu_s_per_file']:.3f}"),
+        ("machine during the build: idle, stolen; load before",
+         lambda r: f"{r['build']['machine']['idle']:.0%}, {r['build']['machine']['steal']:.0%}; "
+                   f"{r['build']['machine']['loadavg_1min_before']:.1f}"),
         ("main: peak RSS (getrusage); after imports", lambda r: f"{_gb(r['build']['main_maxrss_kb'])}; "
                                                                f"{_gb(r['build']['base_rss_kb'])}"),
         ("main: peak private (sampled)", lambda r: _gb(r["build"]["sampled"].get("main_private_kb"))),

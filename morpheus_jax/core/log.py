@@ -43,11 +43,25 @@ def warning(msg: str) -> None:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
+    """The rows of a JSON-lines file. Read tolerantly: a process killed while appending leaves
+    a torn last line, which is dropped with a warning (a damaged line elsewhere too), never fatal."""
     path = Path(path)
     if not path.exists():
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    rows = []
+    with open(path, errors="replace") as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
+                warning(f"{path}: line {i} is not a complete JSON row (a write cut short); it is ignored")
+    return rows
 
 
 def append_jsonl(path: str | Path, row: dict) -> None:

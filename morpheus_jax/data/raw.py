@@ -12,9 +12,12 @@ per-gene centre); ``dnam`` missing → 0; ``cnv`` missing → 2 then ``log10(cn 
 from __future__ import annotations
 
 import ast
+import bz2
 import csv
 import dataclasses
+import gzip
 import json
+import lzma
 import os
 from pathlib import Path
 
@@ -51,6 +54,45 @@ class RawCohort:
         omics = {m: raw / "omics" / f"{m}.csv" for m in MODALITIES if (raw / "omics" / f"{m}.csv").exists()}
         mappings = {m: raw / "mappings" / f"{m}.json" for m in omics}
         return cls(raw / "metadata.csv", raw / "features", omics, mappings)
+
+
+_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bz2", b"\xfd7zXZ": "xz", b"\x28\xb5\x2f\xfd": "zstd", b"PK\x03\x04": "zip"}
+
+
+def compression(path: Path, error: type[Exception] = PrepareError) -> str | None:
+    """pandas' ``compression`` of a file, by its first bytes (portals ship ``.gz`` files, with
+    or without the suffix)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror or e})") from None
+    return next((kind for magic, kind in _MAGIC.items() if head.startswith(magic)), None)
+
+
+def open_text(path: Path, error: type[Exception] = PrepareError):
+    """A text handle on a plain, gzip, bz2 or xz file (a BOM dropped, newlines as written)."""
+    kind = compression(path, error)
+    opener = {"gzip": gzip.open, "bz2": bz2.open, "xz": lzma.open, None: open}.get(kind)
+    if opener is None:
+        raise error(f"{path}: {kind}-compressed; expected plain text, gzip, bz2 or xz")
+    return opener(path, "rt", encoding="utf-8-sig", newline="")
+
+
+def header_cells(path: Path, error: type[Exception] = PrepareError) -> list[str]:
+    """The first row's cells of a CSV (compressed or not), each name checked unique: pandas
+    renames a repeated column ``x`` to ``x.1``, and which of the two is meant is ambiguous."""
+    try:
+        with open_text(path, error) as f:
+            names = next(csv.reader(f), [])
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as e:
+        raise error(f"{path}: cannot read the header ({e})") from None
+    seen = set()
+    for name in names:
+        if name in seen and name != "":
+            raise error(f"{path}: column {name!r} appears twice in the header")
+        seen.add(name)
+    return names
 
 
 def canonical_features(groups: dict[str, list[str]]) -> list[str]:
@@ -93,8 +135,9 @@ def read_mapping(path: Path) -> dict[str, list[str]]:
 def read_metadata(path: Path) -> pd.DataFrame:
     """The metadata table with ``WSI`` parsed into lists of slide paths."""
     try:
+        header_cells(path)
         meta = pd.read_csv(path, dtype={"submitter_id": str, "project_id": str, "split": str, "WSI": str},
-                           keep_default_na=False, na_values=[""])
+                           keep_default_na=False, na_values=[""], compression=compression(path), encoding="utf-8-sig")
     except pd.errors.EmptyDataError:
         raise PrepareError(f"{path}: the metadata CSV is empty (expected a header with submitter_id, split, WSI "
                            "and one row per patient)") from None
@@ -219,12 +262,12 @@ def stream_omics(path: Path, modality: str, groups: dict[str, list[str]], out: P
     canonical order) to ``out`` as float32 rows."""
     features = canonical_features(groups)
     try:
-        header = pd.read_csv(path, nrows=1, index_col=0)
+        header = pd.read_csv(path, nrows=1, index_col=0, compression=compression(path), encoding="utf-8-sig")
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, ValueError, UnicodeDecodeError) as e:
         raise PrepareError(f"{path}: cannot read omics CSV ({e})") from None
     if header.empty:
         raise PrepareError(f"{path}: the omics CSV has a header but no rows (one row per submitter_id expected)")
-    _check_unique_columns(path)
+    header_cells(path)
     absent = [f for f in features if f not in header.columns]
     if absent:
         raise PrepareError(f"{path}: {len(absent)} mapping features absent from the CSV columns, e.g. {absent[:5]}")
@@ -238,10 +281,13 @@ def stream_omics(path: Path, modality: str, groups: dict[str, list[str]], out: P
             # Ids are strings as written ("0001" stays "0001", "NA" is an id); values keep
             # pandas' missing-value tokens.
             for df in pd.read_csv(path, index_col=0, usecols=positions, chunksize=rows_per_chunk, dtype={0: str},
+                                  compression=compression(path), encoding="utf-8-sig",
                                   keep_default_na=False, na_values={f: _NA_TOKENS for f in header.columns}):
                 df = df[features]
                 values = _check_chunk(path, modality, df, features)
                 for sid in df.index:
+                    if not str(sid).strip():
+                        raise PrepareError(f"{path}: row {len(rows) + 2}: the submitter_id cell is empty")
                     if sid in rows:
                         raise PrepareError(f"{path}: duplicate submitter_id {sid!r} in the index column")
                     rows[sid] = len(rows)
@@ -257,17 +303,6 @@ def stream_omics(path: Path, modality: str, groups: dict[str, list[str]], out: P
 
 
 _NA_TOKENS = sorted(STR_NA_VALUES)
-
-
-def _check_unique_columns(path: Path) -> None:
-    """pandas renames a repeated column ``x`` to ``x.1``: which of the two is meant is ambiguous."""
-    with open(path, newline="") as f:
-        names = next(csv.reader(f), [])[1:]
-    seen = set()
-    for name in names:
-        if name in seen:
-            raise PrepareError(f"{path}: column {name!r} appears twice in the header")
-        seen.add(name)
 
 
 def slide_shape(path: Path) -> tuple[int, int]:

@@ -6,9 +6,7 @@ was expected. Nothing here applies a cohort rule (that is `rules`); readers only
 
 from __future__ import annotations
 
-import bz2
 import dataclasses
-import gzip
 import os
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from morpheus_jax.core.errors import SourceError
+from morpheus_jax.data import raw
 from morpheus_jax.data.raw import as_numbers
 
 AUTOSOMES = tuple(f"chr{i}" for i in range(1, 23))
@@ -24,27 +23,14 @@ AUTOSOMES = tuple(f"chr{i}" for i in range(1, 23))
 ID_COLUMNS = ("submitter_id", "case_submitter_id", "cases.submitter_id", "case_id")
 PROJECT_COLUMNS = ("project_id", "cases.project_id", "project.project_id")
 GDC_MISSING = "'--"
-_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bz2", b"\x28\xb5\x2f\xfd": "zstd", b"PK\x03\x04": "zip"}
 
 
 def compression(path: Path) -> str | None:
-    """pandas' ``compression`` for a file, by its first bytes (Xena's matrices come gzipped
-    with or without a ``.gz`` name)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except OSError as e:
-        raise SourceError(f"{path}: cannot read ({e.strerror or e})") from None
-    return next((kind for magic, kind in _MAGIC.items() if head.startswith(magic)), None)
+    return raw.compression(path, SourceError)
 
 
 def _open_text(path: Path):
-    """A text handle on a plain, gzip or bz2 file (BOM dropped, newlines kept as written)."""
-    kind = compression(path)
-    opener = {"gzip": gzip.open, "bz2": bz2.open, None: open}.get(kind)
-    if opener is None:
-        raise SourceError(f"{path}: {kind}-compressed; expected plain text, gzip or bz2")
-    return opener(path, "rt", encoding="utf-8-sig", newline="")
+    return raw.open_text(path, SourceError)
 
 
 def _first_line(path: Path) -> str:

@@ -1,0 +1,95 @@
+"""Faults of the environment (issue 23, first part): a torn tail in an append-only file of a
+run, inputs as other tools write them (compressed, BOM, CRLF), and the bad-input cases still
+open (a blank omics id, a metadata column twice)."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import json
+import lzma
+import shutil
+
+import pytest
+from conftest import TINY_DIM, synth_dataset, tiny_run_config
+
+from morpheus_jax.apps.pretrain import pretrain
+from morpheus_jax.cli.main import main
+from morpheus_jax.core.log import read_jsonl
+from morpheus_jax.data.prepare import PrepareOptions, RawCohort, prepare
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    synth_dataset(root, patients=40, seed=5, dim=TINY_DIM, patches_per_slide=20)
+    return root / "raw"
+
+
+def _one_line(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("morpheus prepare: error:"), err
+    return err[0]
+
+
+def test_a_torn_metrics_line_is_dropped_and_the_run_resumes(tiny_dataset, tmp_path, capsys):
+    common = ["train.decay_steps=8", "checkpoint.every=4"]
+    pretrain(tiny_run_config(tiny_dataset, tmp_path, *common, "train.steps=4"), progress=False)
+    metrics = tmp_path / "metrics.jsonl"
+    with open(metrics, "a") as f:       # a kill while appending: half a row, no newline
+        f.write('{"step": 5, "loss": 1.2')
+    rows = read_jsonl(metrics)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and "not a complete JSON row" in capsys.readouterr().err
+    pretrain(tiny_run_config(tiny_dataset, tmp_path, *common, "train.steps=8"), progress=False)
+    assert [r["step"] for r in read_jsonl(metrics)] == list(range(1, 9))
+
+
+def _compress(path, kind):
+    data = path.read_bytes()
+    opener = {"gz": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress}[kind]
+    out = path.with_name(path.name + "." + kind)
+    out.write_bytes(opener(data))
+    return out
+
+
+def test_compressed_bom_and_crlf_inputs_prepare_the_same_dataset(raw, tmp_path):
+    plain = prepare(RawCohort.from_dir(raw), tmp_path / "plain", PrepareOptions(wsi_dim=TINY_DIM, progress=False))
+    work = tmp_path / "raw"
+    shutil.copytree(raw, work, symlinks=True)
+    meta = work / "metadata.csv"
+    meta.write_bytes(b"\xef\xbb\xbf" + meta.read_bytes().replace(b"\n", b"\r\n"))     # Excel's CSV
+    omics = {m: work / "omics" / f"{m}.csv" for m in ("rna", "dnam", "cnv")}
+    omics = {"rna": _compress(omics["rna"], "gz"), "dnam": _compress(omics["dnam"], "bz2"),
+             "cnv": _compress(omics["cnv"], "xz")}
+    cohort = RawCohort(meta, work / "features", omics, {m: work / "mappings" / f"{m}.json" for m in omics})
+    other = prepare(cohort, tmp_path / "other", PrepareOptions(wsi_dim=TINY_DIM, progress=False))
+    assert other.counts == plain.counts
+    for m in omics:
+        assert other.modalities[m].features == plain.modalities[m].features
+    a = json.loads((tmp_path / "plain" / "manifest.json").read_text())["shards"]
+    b = json.loads((tmp_path / "other" / "manifest.json").read_text())["shards"]
+    assert [s["records"]["sha256"] for s in a] == [s["records"]["sha256"] for s in b]
+
+
+def test_a_blank_omics_id_and_a_repeated_metadata_column_are_one_line_errors(raw, tmp_path, capsys):
+    work = tmp_path / "raw"
+    shutil.copytree(raw, work, symlinks=True)
+    rna = work / "omics" / "rna.csv"
+    lines = rna.read_text().splitlines()
+    lines[3] = "," + lines[3].split(",", 1)[1]
+    rna.write_text("\n".join(lines) + "\n")
+    assert main(["prepare", "--raw", str(work), "--out", str(tmp_path / "ds"), "--wsi-dim", str(TINY_DIM),
+                 "--no-progress"]) == 2
+    line = _one_line(capsys)
+    assert "rna.csv" in line and "row 4" in line and "submitter_id" in line
+    shutil.copy(raw / "omics" / "rna.csv", rna)
+    meta = work / "metadata.csv"
+    header, rest = meta.read_text().split("\n", 1)
+    meta.write_text(header + ",IDH\n" + "\n".join(r + ",1" if r else r for r in rest.split("\n")))
+    assert main(["prepare", "--raw", str(work), "--out", str(tmp_path / "ds"), "--wsi-dim", str(TINY_DIM),
+                 "--no-progress"]) == 2
+    line = _one_line(capsys)
+    assert "metadata.csv" in line and "'IDH' appears twice" in line
+    assert not (tmp_path / "ds" / "manifest.json").exists()
+
+
