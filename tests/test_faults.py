@@ -93,3 +93,29 @@ def test_a_blank_omics_id_and_a_repeated_metadata_column_are_one_line_errors(raw
     assert not (tmp_path / "ds" / "manifest.json").exists()
 
 
+
+
+def test_one_writer_per_run_folder(tiny_dataset, tmp_path, capsys):
+    """A second pretrain on a folder in use refuses in one line naming the holder; a lock
+    left by a process that died is taken over with a warning."""
+    import os
+    import subprocess
+    import sys
+
+    from morpheus_jax.core.runlock import RunLock
+
+    holder = RunLock(tmp_path).acquire()
+    args = ["pretrain", "--no-progress", f"data.dir={tiny_dataset}", "data.raw_dir=null", f"run_dir={tmp_path}",
+            f"model.wsi_dim={TINY_DIM}", "train.steps=1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"in use by pid {os.getpid()} on host" in err[0] and "one run folder, one writer" in err[0]
+    assert not (tmp_path / "metrics.jsonl").exists()
+    holder.release()
+    # A holder killed without releasing: the OS dropped its lock; its record is taken over.
+    code = (f"import os; from morpheus_jax.core.runlock import RunLock; RunLock({str(tmp_path)!r}).acquire(); "
+            "os._exit(0)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    lock = RunLock(tmp_path).acquire()
+    assert "no longer running" in capsys.readouterr().err
+    lock.release()

@@ -31,6 +31,7 @@ from morpheus_jax.core.atomic import write_json, write_text
 from morpheus_jax.core.config import Config, from_dict, model_config_diff, save_config
 from morpheus_jax.core.errors import CheckpointError, ConfigError, DatasetError, IncompatibleCheckpoint
 from morpheus_jax.core.log import append_jsonl, read_jsonl
+from morpheus_jax.core.runlock import RunLock
 from morpheus_jax.core.spec import BUCKETED_LAYOUT
 from morpheus_jax.data import pipeline, records
 from morpheus_jax.data.prepare import PrepareOptions, RawCohort, prepare, summary
@@ -173,7 +174,16 @@ def pretrain(cfg: Config, *, progress: bool = True) -> dict:
         raise ConfigError(f"run_dir={cfg.run_dir}: is a file, not a folder")
     ensure_dataset(cfg)
     run = build_run(cfg)                              # dataset against config: before the run folder exists
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    lock = RunLock(cfg.run_dir).acquire() if jax.process_index() == 0 else None   # one writer per run folder
+    try:
+        return _train(run, progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(run: Run, progress: bool) -> dict:
+    cfg = run.cfg
     gbs = cfg.train.global_batch_size
     ckpt = Checkpointer(checkpoint_dir(cfg.run_dir), keep=cfg.checkpoint.keep, keep_best=cfg.checkpoint.keep_best)
     feed = _input_path(run)
