@@ -11,7 +11,7 @@ import lzma
 import shutil
 
 import pytest
-from conftest import TINY_DIM, synth_dataset, tiny_run_config
+from conftest import TINY_DIM, TINY_OVERRIDES, synth_dataset, tiny_run_config
 
 from morpheus_jax.apps.pretrain import pretrain
 from morpheus_jax.cli.main import main
@@ -119,3 +119,16 @@ def test_one_writer_per_run_folder(tiny_dataset, tmp_path, capsys):
     lock = RunLock(tmp_path).acquire()
     assert "no longer running" in capsys.readouterr().err
     lock.release()
+
+
+def test_a_rerun_on_another_dataset_names_both_and_how_to_continue(tiny_dataset, raw, tmp_path, capsys):
+    other = tmp_path / "other"
+    prepare(RawCohort.from_dir(raw), other, PrepareOptions(wsi_dim=TINY_DIM, progress=False))
+    run = tmp_path / "run"
+    common = ["train.decay_steps=8", "checkpoint.every=2"]
+    pretrain(tiny_run_config(tiny_dataset, run, *common, "train.steps=2"), progress=False)
+    args = ["pretrain", "--no-progress", f"data.dir={other}", "data.raw_dir=null", f"run_dir={run}"]
+    assert main([*args, *TINY_OVERRIDES, *common, "train.steps=4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(tiny_dataset) in err[0] and str(other) in err[0]
+    assert "new run_dir" in err[0] and "data.continue_on_new_data=true" in err[0]

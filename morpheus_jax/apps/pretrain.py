@@ -16,6 +16,7 @@ from the same global batch index, since batch k is a pure function of the seed a
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from morpheus_jax.core.config import Config, from_dict, model_config_diff, save_
 from morpheus_jax.core.errors import CheckpointError, ConfigError, DatasetError, IncompatibleCheckpoint
 from morpheus_jax.core.log import append_jsonl, read_jsonl
 from morpheus_jax.core.runlock import RunLock
-from morpheus_jax.core.spec import BUCKETED_LAYOUT
+from morpheus_jax.core.spec import BUCKETED_LAYOUT, ModelSpec
 from morpheus_jax.data import pipeline, records
 from morpheus_jax.data.prepare import PrepareOptions, RawCohort, prepare, summary
 from morpheus_jax.data.synth import write_synthetic_cohort
@@ -66,10 +67,51 @@ def ensure_dataset(cfg: Config) -> Path:
     return root
 
 
-def _refuse_incompatible(cfg: Config):
+DATASET_JSON = "dataset.json"
+
+
+def dataset_fingerprint(manifest) -> str:
+    """A prepared dataset's content: its shards' checksums and its features (not when or
+    where it was prepared)."""
+    content = [[s["split"], s["records"]["sha256"], s["patches"]["sha256"]] for s in manifest.shards]
+    content.append({m: [info.groups, info.features] for m, info in manifest.modalities.items()})
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _check_dataset(run: Run) -> None:
+    """A rerun on other data than the run's checkpoints were trained on refuses, naming both
+    datasets, unless ``data.continue_on_new_data`` (then the new dataset is recorded)."""
+    path = Path(run.cfg.run_dir) / DATASET_JSON
+    current = {"dir": str(run.root), "fingerprint": dataset_fingerprint(run.manifest),
+               "patients": dict(run.manifest.counts)}
+    try:
+        recorded = json.loads(path.read_text()) if path.exists() else None
+    except (OSError, ValueError):
+        recorded = None
+    has_checkpoints = any(p.name.isdigit() for p in checkpoint_dir(run.cfg.run_dir).glob("*"))
+    if recorded and has_checkpoints and recorded.get("fingerprint") != current["fingerprint"]:
+        if not run.cfg.data.continue_on_new_data:
+            raise ConfigError(
+                f"run_dir={run.cfg.run_dir} was trained on the dataset {recorded.get('dir')} ({recorded.get('patients')}, "
+                f"fingerprint {str(recorded.get('fingerprint'))[:12]}); data.dir={run.root} holds another "
+                f"({current['patients']}, fingerprint {current['fingerprint'][:12]}): use a new run_dir, or set "
+                "data.continue_on_new_data=true to continue from the checkpoint on the new data")
+        log.warning(f"continuing {run.cfg.run_dir} on the dataset {run.root} (trained so far on {recorded.get('dir')})")
+    if jax.process_index() == 0 and recorded != current:
+        write_json(path, current)
+
+
+def _refuse_incompatible(cfg: Config, current: ModelSpec | None = None):
     """Checks a checkpoint before it is resumed (raises, it is not set aside as damaged)."""
     def check(step_dir: Path) -> None:
         spec = read_spec(step_dir)
+        if current is not None and (spec.groups, spec.features) != (current.groups, current.features):
+            saved = ", ".join(f"{m} {len(g)} groups / {len(spec.features.get(m, []))} features"
+                              for m, g in spec.groups.items())
+            now = ", ".join(f"{m} {len(g)} groups / {len(current.features.get(m, []))} features"
+                            for m, g in current.groups.items())
+            raise IncompatibleCheckpoint(f"{step_dir} was trained on another dataset's features ({saved}); "
+                                         f"data.dir={cfg.data.dir} has {now}: use a new run_dir")
         if spec.param_layout == BUCKETED_LAYOUT:
             raise CheckpointError(f"{step_dir} was written by morpheus-jax 0.1 (bucketed parameter layout): export, "
                                   "morpheus_jax.load and fine-tuning read it, but its optimizer state cannot be "
@@ -84,7 +126,8 @@ def _refuse_incompatible(cfg: Config):
 
 def _restore_or_init(run: Run, ckpt: Checkpointer, data_iter) -> tuple[dict, int]:
     """The newest good checkpoint's state (data stream repositioned to its step), or a fresh state."""
-    restored = ckpt.restore_latest(run.abstract_state(), data_iter, check=_refuse_incompatible(run.cfg))
+    restored = ckpt.restore_latest(run.abstract_state(), data_iter,
+                                   check=_refuse_incompatible(run.cfg, model_spec(run.cfg, run.manifest)))
     if restored is None:
         return run.init_state(), 0
     step_saved, state, data_ok = restored
@@ -184,6 +227,7 @@ def pretrain(cfg: Config, *, progress: bool = True) -> dict:
 
 def _train(run: Run, progress: bool) -> dict:
     cfg = run.cfg
+    _check_dataset(run)
     gbs = cfg.train.global_batch_size
     ckpt = Checkpointer(checkpoint_dir(cfg.run_dir), keep=cfg.checkpoint.keep, keep_best=cfg.checkpoint.keep_best)
     feed = _input_path(run)

@@ -65,6 +65,9 @@ class DataConfig:
     patch_source: str = "stream"
     # The device bank's dtype: float16, or int8 with a per-patch absmax scale (half the memory).
     bank_dtype: str = "float16"
+    # A rerun whose data.dir holds another dataset than its checkpoints were trained on refuses;
+    # true: continue from the checkpoint on the new data (same features needed).
+    continue_on_new_data: bool = False
 
 
 @dataclasses.dataclass
