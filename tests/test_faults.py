@@ -10,6 +10,8 @@ import json
 import lzma
 import shutil
 
+import numpy as np
+
 import pytest
 from conftest import TINY_DIM, TINY_OVERRIDES, synth_dataset, tiny_run_config
 
@@ -132,3 +134,35 @@ def test_a_rerun_on_another_dataset_names_both_and_how_to_continue(tiny_dataset,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(tiny_dataset) in err[0] and str(other) in err[0]
     assert "new run_dir" in err[0] and "data.continue_on_new_data=true" in err[0]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MB tmpfs (root only; skipped with the reason elsewhere)."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", str(disk)], capture_output=True, text=True)
+    if proc.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.strip() or proc.returncode}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_prepare_onto_a_full_disk_is_one_line_and_writes_no_manifest(raw, small_disk, capsys):
+    import h5py
+
+    feats = raw / "features"
+    big = small_disk.parent / "raw"
+    shutil.copytree(raw, big, symlinks=True)
+    for f in sorted((big / "features").rglob("*.h5"))[:20]:     # ~10 MB of patches: more than the disk holds
+        with h5py.File(f, "r+") as h:
+            x = h["features"][()]
+            del h["features"]
+            h.create_dataset("features", data=np.repeat(x, 200, axis=-2))
+    assert main(["prepare", "--raw", str(big), "--out", str(small_disk / "ds"), "--wsi-dim", str(TINY_DIM),
+                 "--no-progress", "--patch-dtype", "float32"]) == 2
+    line = _one_line(capsys)
+    assert "no space left" in line and str(small_disk) in line
+    assert not (small_disk / "ds" / "manifest.json").exists() and feats.exists()

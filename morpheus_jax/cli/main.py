@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from morpheus_jax.cli import bank, data, downstream, export, scaling, tcga, train
-from morpheus_jax.core.errors import UserError
+from morpheus_jax.core.errors import UserError, resource_exhausted
 
 
 class Parser(argparse.ArgumentParser):
@@ -62,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())  # one line, always
         print(f"morpheus {name}: error: {message}", file=sys.stderr)
+        code = 2
+    except Exception as e:
+        ran_out = resource_exhausted(e)
+        if ran_out is None:
+            _leave_failed_job(1, name, print_traceback=True)
+            raise
+        print(f"morpheus {name}: error: {ran_out}", file=sys.stderr)
         code = 2
     except BaseException:
         _leave_failed_job(1, name, print_traceback=True)

@@ -86,3 +86,30 @@ class OutputExists(UserError, FileExistsError):
 
 class MissingPath(UserError, FileNotFoundError):
     """An input path that does not exist."""
+
+
+def resource_exhausted(exc: BaseException) -> str | None:
+    """What ran out, in one line naming the path where known, if ``exc`` (or what caused it)
+    is a resource running out: disk space, memory or file handles. None otherwise.
+
+    Running out is the environment's doing, not a bug: the CLI reports it like a user error
+    (exit 2); what was written before stays (files are written beside and renamed)."""
+    import errno
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = str(exc)
+        where = f"{exc.filename}: " if isinstance(exc, OSError) and exc.filename else ""
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"{where}no space left on the device (free disk space or use another folder, then rerun)"
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+            return f"{where}too many open files (raise `ulimit -n`, or lower data.worker_count / --workers)"
+        if isinstance(exc, MemoryError):
+            return "out of memory (lower the batch, the bag size or the number of workers)"
+        if "No space left on device" in text or ("RESOURCE_EXHAUSTED" in text and "emory" not in text):
+            return f"no space left on the device ({text.splitlines()[0][:300]})"
+        if "RESOURCE_EXHAUSTED" in text:
+            return f"out of device memory ({text.splitlines()[0][:300]}); lower train.global_batch_size or data.num_patches"
+        exc = exc.__cause__ or exc.__context__
+    return None
