@@ -166,3 +166,14 @@ def test_prepare_onto_a_full_disk_is_one_line_and_writes_no_manifest(raw, small_
     line = _one_line(capsys)
     assert "no space left" in line and str(small_disk) in line
     assert not (small_disk / "ds" / "manifest.json").exists() and feats.exists()
+
+
+def test_a_damaged_array_header_is_one_line_before_training(tiny_dataset, tmp_path, capsys):
+    ds = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, ds)
+    header = next((ds / "patches").glob("pretrain-*.zarr")) / "zarr.json"
+    header.write_text(header.read_text()[:40])
+    assert main(["pretrain", "--no-progress", f"data.dir={ds}", "data.raw_dir=null", f"run_dir={tmp_path / 'run'}",
+                 *TINY_OVERRIDES]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(header) in err[0] and "damaged array header" in err[0]

@@ -203,6 +203,20 @@ def load_manifest(root: str | os.PathLike, check_files: bool = True) -> Manifest
     return manifest
 
 
+def _array_header_problem(path: Path, shape: list[int], dtype: str, chunk: list[int]) -> str | None:
+    """What is wrong with a patch array's ``zarr.json`` (None when it says what the manifest does)."""
+    try:
+        header = json.loads(path.read_text())
+        found = (list(header["shape"]), header["data_type"],
+                 list(header["chunk_grid"]["configuration"]["chunk_shape"]))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        return f"{path}: damaged array header ({type(e).__name__}: {str(e)[:80]})"
+    if found != (shape, dtype, chunk):
+        return (f"{path}: the array header says shape {found[0]}, {found[1]}, chunks {found[2]}; the manifest says "
+                f"{shape}, {dtype}, chunks {chunk}")
+    return None
+
+
 def file_problems(root: str | os.PathLike, manifest: Manifest) -> list[str]:
     """Shard files that are missing or have the wrong size (a stat per file, no reading): the
     record files' sizes are in the manifest; every zarr chunk file of a patch array has the size
@@ -219,6 +233,11 @@ def file_problems(root: str | os.PathLike, manifest: Manifest) -> list[str]:
                             f"{entry['records']['bytes']} (truncated or replaced)")
         if not (patches / "zarr.json").is_file():
             problems.append(f"{patches}: missing or not a zarr array (no zarr.json)")
+            continue
+        header = _array_header_problem(patches / "zarr.json", [max(entry["num_patches"], 1), p.dim], p.dtype,
+                                       [p.chunk_rows, p.dim])
+        if header:
+            problems.append(header)
             continue
         chunks = [f for f in patches.rglob("*") if f.is_file() and f.name != "zarr.json"]
         expected = -(-max(entry["num_patches"], 1) // p.chunk_rows)
