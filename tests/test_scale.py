@@ -79,9 +79,11 @@ def test_two_processes_match_one_process(mesh_runs, tiny_dataset, tmp_path):
         return proc.stdout + proc.stderr
 
     launch()
-    # Run-folder files have one writer (process 0), and no temp file is left behind.
+    # Run-folder files have one writer (process 0: its lock, emptied on exit, and the dataset's
+    # fingerprint among them), and no temp file is left behind.
     assert {p.name for p in run.iterdir() if p.is_file()} == {
-        "config.yaml", "parameters.txt", "metrics.jsonl", "final.json"}
+        "config.yaml", "parameters.txt", "metrics.jsonl", "final.json", ".lock", "dataset.json"}
+    assert (run / ".lock").read_text() == ""
     (checkpoint_dir(run) / "10" / "data" / "process_1-of-2.json").write_text("{truncated")
     out = launch()
     assert f"checkpoint {checkpoint_dir(run) / '10'} is damaged (" in out and "process_1-of-2.json" in out
