@@ -15,11 +15,13 @@ A synthetic public TCGA download (`morpheus_jax.data.tcga.synth.write_public_dow
               bound of the text parser the build uses
   build       `morpheus tcga build` in a fresh Python process (a fresh OUT each time):
               wall time, files/s (methylation + copy-number files), MB/s of the same bytes
-              and the ratio to the plain read; peak memory of its main process and of its
-              workers (`getrusage`, and `/proc/PID/smaps_rollup` sampled every 0.1 s: RSS,
-              private memory, and the proportional set size of the whole process tree),
-              beside the kept table's size (patients with a file × candidate features × 8
-              bytes, from provenance.json)
+              and the ratio to the plain read; CPU seconds (per file: independent of other
+              jobs on the machine), the cores it got on average and the machine's idle and
+              stolen shares meanwhile (other jobs make wall times incomparable); peak memory
+              of its main process and of its workers (`getrusage`, and
+              `/proc/PID/smaps_rollup` sampled every 0.1 s: RSS, private memory, and the
+              proportional set size of the whole process tree), beside the kept table's
+              size (patients with a file × candidate features × 8 bytes, from provenance.json)
 
 Which files the build reads is decided before it runs, by the build's own selection
 (`cohort.read_cohort`, `build._gdc_files`) and checked against its provenance.json after.
@@ -293,6 +295,8 @@ def table(result: dict) -> str:
         ("build CPU s: main, workers; per file",
          lambda r: f"{r['build']['main_cpu_s']:.0f}, {r['build']['workers_cpu_s']:.0f}; "
                    f"{r['build']['cpu_s_per_file']:.3f}"),
+        ("build: cores used on average (CPU s / wall s)",
+         lambda r: f"{(r['build']['main_cpu_s'] + r['build']['workers_cpu_s']) / r['build']['wall_s']:.2f}"),
         ("machine during the build: idle, stolen; load before",
          lambda r: f"{r['build']['machine']['idle']:.0%}, {r['build']['machine']['steal']:.0%}; "
                    f"{r['build']['machine']['loadavg_1min_before']:.1f}"),
