@@ -169,7 +169,8 @@ def test_top_k_with_ties_and_chromosome_blocks_equal_the_transcription():
     chrom[10:15] = ["chrX"] * 5
     pos = rng.permutation(len(names)).astype(float) * 1000
     for k in (120, 123, 200):
-        cols, _ = rules.select_features(values, names, chrom, np.ones(len(names), bool), k, "eligible")
+        cols, _ = rules.select_features(values, np.arange(n_pat), names, chrom, np.ones(len(names), bool), k,
+                                        "eligible")
         keys = [f"{n}#{sum(m == n for m in names[:j])}" for j, n in enumerate(names)]
         wide = pd.DataFrame(values, index=[f"P{i}" for i in range(n_pat)], columns=keys)
         expect = tr.select_and_group(wide, pd.Series(chrom, index=keys), pd.Series(pos, index=keys),

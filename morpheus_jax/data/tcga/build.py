@@ -286,7 +286,8 @@ def _derive(modality, table: om.Table, patients, cohort, opts, prov, flag) -> tu
     else:
         eligible, reason = table.listed, "not on every array type in the cohort"
     k = opts.cnv_features if modality == "cnv" else opts.dnam_features
-    cols, dropped = rules.select_features(table.values[pre_rows], table.names, table.chrom, eligible, k, reason)
+    cols, dropped = rules.select_features(table.values, np.asarray(pre_rows), table.names, table.chrom, eligible, k,
+                                          reason)
     names = [table.names[j] for j in cols]
     clusters = rules.CNV_CLUSTERS if modality == "cnv" else rules.DNAM_CLUSTERS
     groups = rules.chromosome_groups(names, [table.chrom[j] for j in cols], table.pos[cols], clusters, flag, k)

@@ -49,9 +49,9 @@ def _init(state: dict) -> None:
     _STATE["index"] = pd.Index(state["keys"])
 
 
-def _align(keys: np.ndarray, values: np.ndarray):
+def _align(keys: np.ndarray, values: np.ndarray, pos: np.ndarray | None = None):
     index: pd.Index = _STATE["index"]
-    pos = index.get_indexer(keys)
+    pos = index.get_indexer(keys) if pos is None else pos
     hit = pos >= 0
     row = np.full(len(index), np.nan)
     row[pos[hit]] = values[hit]
@@ -62,8 +62,13 @@ def _align(keys: np.ndarray, values: np.ndarray):
 
 def dnam_row(path: str):
     probes, betas = read_betas(Path(path))
-    first = ~pd.Index(probes).duplicated()  # a probe listed twice keeps its first line
-    row, listed, unmatched = _align(probes[first], betas[first])
+    # Files of one array list the same probes in the same order: their alignment is reused.
+    cached = _STATE.get("probe_order")
+    if cached is None or len(cached[0]) != len(probes) or not np.array_equal(cached[0], probes):
+        first = ~pd.Index(probes).duplicated()  # a probe listed twice keeps its first line
+        cached = _STATE["probe_order"] = (probes, first, _STATE["index"].get_indexer(probes[first]))
+    _, first, pos = cached
+    row, listed, unmatched = _align(probes[first], betas[first], pos)
     return row, listed, unmatched, None
 
 
@@ -98,7 +103,7 @@ def read_table(paths: list[Path], state: dict, names: list[str], chrom: list, po
     listed by every file."""
     keys, names, chrom, pos = list(state["keys"]), list(names), list(chrom), list(np.asarray(pos, np.float64))
     base = len(keys)
-    values = np.full((len(paths), base), np.nan)
+    values = np.empty((len(paths), base))   # every row is assigned (no NaN pages held by forked workers)
     listed = np.ones(base, bool)
     added: dict[str, int] = {}
     pending = []

@@ -88,34 +88,45 @@ def choose_file(rows: pd.DataFrame) -> tuple[int, str]:
     return rows.index[0], f"no file lists a primary tumour first; the first of {len(rows)}"
 
 
-def select_features(pre: np.ndarray, names: list[str], chrom: list[str | None], eligible: np.ndarray, k: int,
-                    eligible_reason: str) -> tuple[np.ndarray, dict[str, int]]:
-    """Columns of ``pre`` (pretrain patients × candidates, source order, NaN = missing) kept by
+_CHUNK = 16384  # columns per pass: the statistics never copy the whole table
+
+
+def _column_chunks(values: np.ndarray, rows: np.ndarray, cols: np.ndarray, fn) -> np.ndarray:
+    """``fn`` over ``values[rows][:, cols]`` a chunk of columns at a time (no full copy)."""
+    parts = [fn(values[np.ix_(rows, cols[a:a + _CHUNK])]) for a in range(0, cols.size, _CHUNK)]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def select_features(values: np.ndarray, rows: np.ndarray, names: list[str], chrom: list[str | None],
+                    eligible: np.ndarray, k: int, eligible_reason: str) -> tuple[np.ndarray, dict[str, int]]:
+    """Columns of ``values[rows]`` (``rows``: the pretrain patients; columns: candidates in
+    source order, NaN = missing) kept by
     the authors' filters, in source order: drop all-missing, then repeated names (keep first),
     keep those present in ≥ 99 % of the rows, drop chrX/chrY (keep chr1–22), drop
     ``~eligible`` (``eligible_reason``), keep the ``k`` with the largest std (ddof 1; ties: the
     earlier column). Returns (indices, dropped count per reason)."""
     dropped: dict[str, int] = {}
-    keep = np.ones(pre.shape[1], bool)
+    rows = np.asarray(rows)
+    keep = np.ones(values.shape[1], bool)
 
     def drop(mask: np.ndarray, reason: str) -> None:
         hit = keep & mask
         dropped[reason] = int(hit.sum())
         keep[hit] = False
 
-    present = ~np.isnan(pre)
-    drop(~present.any(0), "all missing in pretrain patients")
+    present_count = _column_chunks(values, rows, np.arange(values.shape[1]), lambda x: (~np.isnan(x)).sum(0))
+    drop(present_count == 0, "all missing in pretrain patients")
     seen: set[str] = set()
     dup = np.zeros_like(keep)
     for j in np.flatnonzero(keep):
         dup[j] = names[j] in seen
         seen.add(names[j])
     drop(dup, "repeated name (first kept)")
-    drop(~(present.mean(0) >= PRESENCE), f"present in < {PRESENCE:.0%} of pretrain patients")
+    drop(~(present_count / rows.size >= PRESENCE), f"present in < {PRESENCE:.0%} of pretrain patients")
     drop(~np.isin(np.array(chrom, object), AUTOSOMES), "not on chr1-22 (chrX, chrY, unplaced)")
     drop(~eligible, eligible_reason)
     cols = np.flatnonzero(keep)
-    std = pd.DataFrame(pre[:, cols]).std(ddof=1).to_numpy()
+    std = _column_chunks(values, rows, cols, lambda x: pd.DataFrame(x).std(ddof=1).to_numpy())
     order = np.argsort(-np.nan_to_num(std, nan=-np.inf), kind="stable")
     top = np.sort(cols[order[:k]])
     dropped[f"outside the {k} largest standard deviations"] = int(cols.size - top.size)
