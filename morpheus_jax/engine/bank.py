@@ -128,10 +128,8 @@ def local_shards(mesh, rules, global_batch: int) -> list[int]:
 def build_bank(run: Run, dtype: str = "float16") -> DeviceBank:
     """Plan the banks and load this process's shards into its devices (each shard read once)."""
     cfg, root = run.cfg, Path(run.root)
-    records = host_bank.training_records(root, run.manifest, cfg.data.train_fraction)
     shards = shd.batch_divisor(run.mesh, run.rules)
-    plan = host_bank.plan_bank(np.asarray([r["patch_count"] for r in records]), shards, run.patch_dim,
-                               cfg.data.num_patches)
+    records, plan = plan_for(run)
     cache: dict[int, object] = {}
 
     def shard_data(index, part: int):
@@ -164,11 +162,14 @@ def device_memory() -> int | None:
     return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
 
 
-def plan_for(run: Run) -> host_bank.BankPlan:
-    """The bank plan of a run (patients dealt to its batch shards)."""
+def plan_for(run: Run, shards: int | None = None) -> tuple[list, host_bank.BankPlan]:
+    """A run's training records and its bank plan (patients dealt to ``shards``, default its
+    batch shards)."""
     records = host_bank.training_records(Path(run.root), run.manifest, run.cfg.data.train_fraction)
-    return host_bank.plan_bank(np.asarray([r["patch_count"] for r in records]),
-                               shd.batch_divisor(run.mesh, run.rules), run.patch_dim, run.cfg.data.num_patches)
+    plan = host_bank.plan_bank(np.asarray([r["patch_count"] for r in records]),
+                               shards or shd.batch_divisor(run.mesh, run.rules), run.patch_dim,
+                               run.cfg.data.num_patches)
+    return records, plan
 
 
 def fit(bank_bytes: int, step: int | None, memory: int | None) -> tuple[bool, str]:
@@ -187,7 +188,7 @@ def resolve_source(run: Run, stream_compiled) -> str:
     source = run.cfg.data.patch_source
     if source != "auto":
         return source
-    plan = plan_for(run)
+    _, plan = plan_for(run)
     ok, why = fit(plan.bytes_per_device(run.cfg.data.bank_dtype), step_bytes(stream_compiled), device_memory())
     source = "device" if ok else "stream"
     log.info(f"data.patch_source=auto: {source} ({why})")
@@ -213,9 +214,7 @@ def plan_report(cfg, devices: int, memory_gb: float, dtype: str) -> dict:
     if devices < 1 or gbs % devices:
         raise ConfigError(f"--devices {devices}: train.global_batch_size={gbs} must split evenly over the devices")
     full = build_run(dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=1, fsdp=1, tensor=1)))
-    records = host_bank.training_records(Path(full.root), full.manifest, cfg.data.train_fraction)
-    plan = host_bank.plan_bank(np.asarray([r["patch_count"] for r in records]), devices, full.patch_dim,
-                               cfg.data.num_patches)
+    records, plan = plan_for(full, devices)
     one = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, global_batch_size=gbs // devices))
     run = plan_run(one, full.layouts, patch_dim=full.patch_dim, patch_dtype=full.patch_dtype,
                    num_train=full.num_train, root=full.root, manifest=full.manifest, devices=jax.devices()[:1])
