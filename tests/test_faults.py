@@ -13,7 +13,7 @@ import shutil
 import numpy as np
 
 import pytest
-from conftest import TINY_DIM, TINY_OVERRIDES, synth_dataset, tiny_run_config
+from conftest import TINY_DIM, TINY_OVERRIDES, synth_dataset, tiny_overrides, tiny_run_config
 
 from morpheus_jax.apps.pretrain import pretrain
 from morpheus_jax.cli.main import main
@@ -34,16 +34,41 @@ def _one_line(capsys) -> str:
     return err[0]
 
 
-def test_a_torn_metrics_line_is_dropped_and_the_run_resumes(tiny_dataset, tmp_path, capsys):
+def _tensorboard_losses(folder) -> list[tuple[int, float]]:
+    """The training losses TensorBoard's own reader shows for a run, in its order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars("loss")]
+
+
+def _same_losses(shown: list[tuple[int, float]], rows: list[dict]) -> None:
+    assert [step for step, _ in shown] == [r["step"] for r in rows]
+    assert [value for _, value in shown] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
+
+
+def test_torn_tails_in_metrics_and_tensorboard_are_dropped_and_the_run_resumes(tiny_dataset, tmp_path, capsys):
     common = ["train.decay_steps=8", "checkpoint.every=4"]
-    pretrain(tiny_run_config(tiny_dataset, tmp_path, *common, "train.steps=4"), progress=False)
-    metrics = tmp_path / "metrics.jsonl"
+    pretrain(tiny_run_config(tiny_dataset, tmp_path, *common, "train.steps=6"), progress=False)
+    (tmp_path / "checkpoints" / "6").rename(tmp_path / "gone")   # as if killed after step 6, before its save
+    metrics, events = tmp_path / "metrics.jsonl", next((tmp_path / "tensorboard").glob("*tfevents*"))
     with open(metrics, "a") as f:       # a kill while appending: half a row, no newline
-        f.write('{"step": 5, "loss": 1.2')
+        f.write('{"step": 7, "loss": 1.2')
+    with open(events, "ab") as f:       # and half a TensorBoard record
+        f.write(b"\x40\x00\x00\x00\x00\x00\x00\x00\x12\x34")
     rows = read_jsonl(metrics)
-    assert [r["step"] for r in rows] == [1, 2, 3, 4] and "not a complete JSON row" in capsys.readouterr().err
+    assert [r["step"] for r in rows] == list(range(1, 7)) and "not a complete JSON row" in capsys.readouterr().err
+    first = _tensorboard_losses(tmp_path / "tensorboard")
+    _same_losses(first, rows)
+    # Resumed from the step-4 checkpoint: steps 5-6 are trained again; metrics.jsonl and
+    # TensorBoard (its purge marker hides the first session's steps 5-6) show each step once,
+    # with the new values; the torn record is skipped.
     pretrain(tiny_run_config(tiny_dataset, tmp_path, *common, "train.steps=8"), progress=False)
-    assert [r["step"] for r in read_jsonl(metrics)] == list(range(1, 9))
+    rows = read_jsonl(metrics)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    _same_losses(_tensorboard_losses(tmp_path / "tensorboard"), rows)
+    assert len(list((tmp_path / "tensorboard").glob("*tfevents*"))) == 2
 
 
 def _compress(path, kind):
@@ -71,6 +96,27 @@ def test_compressed_bom_and_crlf_inputs_prepare_the_same_dataset(raw, tmp_path):
     a = json.loads((tmp_path / "plain" / "manifest.json").read_text())["shards"]
     b = json.loads((tmp_path / "other" / "manifest.json").read_text())["shards"]
     assert [s["records"]["sha256"] for s in a] == [s["records"]["sha256"] for s in b]
+
+
+def test_float64_slides_prepare_the_same_patches(raw, tmp_path):
+    """Patch encoders' HDF5 files hold float32 most often; float64 (numpy's default) too."""
+    import h5py
+
+    plain = prepare(RawCohort.from_dir(raw), tmp_path / "plain", PrepareOptions(wsi_dim=TINY_DIM, progress=False))
+    work = tmp_path / "raw"
+    shutil.copytree(raw, work)
+    slides = sorted((work / "features").rglob("*.h5"))
+    for f in slides[::2]:
+        with h5py.File(f, "r+") as h:
+            x = h["features"][()]
+            del h["features"]
+            h.create_dataset("features", data=x.astype(np.float64))
+            assert h["features"].dtype == np.float64
+    other = prepare(RawCohort.from_dir(work), tmp_path / "other", PrepareOptions(wsi_dim=TINY_DIM, progress=False))
+    assert other.counts == plain.counts and other.patches.total == plain.patches.total
+    a = json.loads((tmp_path / "plain" / "manifest.json").read_text())["shards"]
+    b = json.loads((tmp_path / "other" / "manifest.json").read_text())["shards"]
+    assert [s["patches"]["sha256"] for s in a] == [s["patches"]["sha256"] for s in b]
 
 
 def test_a_blank_omics_id_and_a_repeated_metadata_column_are_one_line_errors(raw, tmp_path, capsys):
@@ -177,3 +223,128 @@ def test_a_damaged_array_header_is_one_line_before_training(tiny_dataset, tmp_pa
                  *TINY_OVERRIDES]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(header) in err[0] and "damaged array header" in err[0]
+
+
+def _error_lines(capsys, command: str) -> list[str]:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith(f"morpheus {command}: error:"), err
+    return err[0]
+
+
+def test_a_full_disk_during_training_checkpoints_and_export_is_one_line_and_loses_nothing(
+        tiny_dataset, small_disk, tmp_path, capsys):
+    import subprocess
+
+    from morpheus_jax.ckpt.store import verify_step
+
+    run = small_disk / "run"
+    args = ["pretrain", "--no-progress", *tiny_overrides(tiny_dataset, run, "train.steps=6", "train.decay_steps=8",
+                                                         "checkpoint.every=2")]
+    # 4 MB hold the step-2 checkpoint (~2.5 MB) but not a second one beside it.
+    assert main(args) == 2
+    line = _error_lines(capsys, "pretrain")
+    assert "no space left for the checkpoint of step 4" in line and str(run / "checkpoints") in line
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2"] and verify_step(run / "checkpoints" / "2") is None
+    # With room, the same command resumes from it.
+    subprocess.run(["mount", "-o", "remount,size=16M", str(small_disk)], check=True)
+    assert main(args) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == list(range(1, 7))
+    # Exports that do not fit: one line naming the file, nothing written (no temp file either).
+    filler = small_disk / "filler"
+    free = shutil.disk_usage(small_disk).free
+    filler.write_bytes(b"\0" * (free - 300_000))
+    for name in ("w.safetensors", "w.pt"):
+        assert main(["export", "--checkpoint", str(run), "--out", str(small_disk / "out" / name)]) == 2
+        line = _error_lines(capsys, "export")
+        assert f"{small_disk / 'out' / name}: no space left on the device" in line
+        assert not any((small_disk / "out").iterdir())
+    # Metrics rows that no longer fit during training: one line naming the run folder.
+    filler.unlink()
+    filler.write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 40_000))
+    other = small_disk / "run2"
+    assert main(["pretrain", "--no-progress", *tiny_overrides(tiny_dataset, other, "train.steps=400",
+                                                              "train.decay_steps=400", "checkpoint.every=1000")]) == 2
+    line = _error_lines(capsys, "pretrain")
+    assert "no space left on the device" in line and str(other) in line
+
+
+def _wait_for_rows(metrics, n, proc, timeout=300):
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no {n} metrics rows: {proc.poll()}")
+
+
+@pytest.mark.parametrize("how", ["SIGTERM to the process group", "SIGINT twice to the process group"])
+def test_a_stopped_run_with_worker_processes_leaves_nothing_behind(tiny_dataset, tmp_path, how):
+    """A scheduler's SIGTERM or a terminal's Ctrl-C (twice) reach the Grain workers too: the run
+    saves and exits 0, no worker outlives it, no shared-memory segment is left, and nothing
+    (a worker's KeyboardInterrupt, the resource tracker) prints a traceback or a warning."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "morpheus_jax.cli", "pretrain", "--no-progress",
+           *tiny_overrides(tiny_dataset, run, "train.steps=5000", "train.decay_steps=5000", "data.worker_count=2")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for_rows(run / "metrics.jsonl", 3, proc)
+    if how.startswith("SIGTERM"):
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.3)
+        os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert "saved checkpoint at step" in out
+    assert "Traceback" not in err and "leaked" not in err and "Warning" not in err, err[-2000:]
+    assert _group_left(proc.pid) == ""                  # no process of the group is left
+    if os.path.isdir("/dev/shm"):
+        assert not [n for n in os.listdir("/dev/shm") if f"-{proc.pid}-" in n]
+
+
+def _group_left(pgid: int, wait: float = 5.0) -> str:
+    """The processes of a process group still running after ``wait`` seconds ("" when none)."""
+    import os
+    import subprocess
+    import time
+
+    deadline = time.time() + wait
+    while time.time() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return ""
+        time.sleep(0.2)
+    ps = subprocess.run(["ps", "-o", "pid,stat,args", "-g", str(pgid)], capture_output=True, text=True)
+    return ps.stdout
+
+
+def test_three_kills_at_bad_moments_resume_to_the_uninterrupted_losses(tiny_dataset, tmp_path):
+    """The CI version of ``benchmarks/kill_anywhere.py``: SIGKILL during a checkpoint write,
+    just after a metrics append and during start-up, a rerun after each; the run then ends
+    with the losses of an uninterrupted run, bitwise, and no session printed a traceback."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from kill_anywhere import kill_and_resume, losses, pretrain_command
+
+    extra = ["train.steps=24", "train.decay_steps=40", "checkpoint.every=3", "checkpoint.keep=2"]
+    reference = tmp_path / "reference"
+    pretrain(tiny_run_config(tiny_dataset, reference, *extra), progress=False)
+    run = tmp_path / "killed"
+    result = kill_and_resume(pretrain_command(tiny_dataset, run, *TINY_OVERRIDES, *extra), run, tmp_path / "logs",
+                             kills=3, seed=0, modes=("checkpoint", "append", "startup"))
+    assert result["finished"] and result["killed"] == 3, result
+    assert [s["seen"] for s in result["sessions"][:2]] == ["during a checkpoint write", "just after a metrics append"]
+    assert result["tracebacks"] == 0, result
+    assert losses(run) == losses(reference)

@@ -19,6 +19,8 @@ def pyplot():
 def loss_plot(metrics_path: str | Path, out: str | Path) -> None:
     """Training loss (total and per modality) and validation loss against step."""
     rows = read_jsonl(metrics_path)
+    if not any("loss" in r or "val_loss" in r for r in rows):
+        return                                   # nothing logged yet: no empty figure
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     train = [r for r in rows if "loss" in r]

@@ -23,6 +23,7 @@ from pathlib import Path
 import jax
 from jax.experimental import multihost_utils
 
+from morpheus_jax.apps.events import ScalarEvents
 from morpheus_jax.apps.plots import loss_plot
 from morpheus_jax.ckpt.store import Checkpointer, checkpoint_dir, read_spec
 from morpheus_jax.core import batch as batch_contract
@@ -39,7 +40,7 @@ from morpheus_jax.data.prepare import PrepareOptions, RawCohort, prepare, summar
 from morpheus_jax.data.synth import write_synthetic_cohort
 from morpheus_jax.engine import bank as device_bank
 from morpheus_jax.engine.run import Run, build_run, model_spec
-from morpheus_jax.engine.trainer import Trainer
+from morpheus_jax.engine.trainer import Trainer, signals_deferred
 from morpheus_jax.engine.validation import Evaluator, reconstruction_report
 from morpheus_jax.model import flops as scaling_flops
 
@@ -158,16 +159,16 @@ class RunFolder:
         elif self.metrics.exists():   # a resumed run rewrites the rows past its checkpoint
             rows = [r for r in read_jsonl(self.metrics) if r.get("step", 0) <= start]
             write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in rows))
-        from tensorboardX import SummaryWriter  # lazy: start-up time
-        self.tb = SummaryWriter(str(self.dir / "tensorboard"))
+        self.tb = ScalarEvents(self.dir / "tensorboard", purge_step=start + 1 if start else None)
 
     def record(self, row: dict) -> None:
         if not self.writer:
             return
-        append_jsonl(self.metrics, row)
-        for k, v in row.items():
-            if k != "step" and isinstance(v, (int, float)):
-                self.tb.add_scalar(k, v, row["step"])
+        try:
+            append_jsonl(self.metrics, row)
+            self.tb.add(row["step"], {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))})
+        except OSError as e:       # a write names no file: name the run folder
+            raise e if e.filename else OSError(e.errno, e.strerror, str(self.dir)) from e
 
     def close(self) -> None:
         if self.tb is not None:
@@ -265,9 +266,10 @@ def _train(run: Run, progress: bool) -> dict:
     try:
         result = trainer.run(state, data_iter, start, last_eval)
     finally:                      # a diverged run keeps its checkpoints whole (async saves finish)
-        ckpt.close()
-        data_iter.close_reader()
-        folder.close()
+        with signals_deferred("finishing the checkpoint and stopping the data workers"):
+            ckpt.close()
+            data_iter.close_reader()
+            folder.close()
     if result.stopped_by:
         log.info(f"{result.stopped_by}: saved checkpoint at step {result.step} in {ckpt.directory}; "
                  "rerun the same command to resume")

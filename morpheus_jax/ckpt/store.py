@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import grain
@@ -31,7 +32,7 @@ from orbax.checkpoint import checkpoint_managers as ocm
 
 from morpheus_jax.core import log
 from morpheus_jax.core.atomic import sha256_file, write_json
-from morpheus_jax.core.errors import CheckpointError, CheckpointNotFound
+from morpheus_jax.core.errors import CheckpointError, CheckpointNotFound, ResourceError
 from morpheus_jax.core.spec import ModelSpec
 
 
@@ -106,10 +107,31 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
         self.manager.wait_until_finished()      # Orbax would wait here too: one save in flight at a time
         self.seal_finished()
+        self._check_room(step, state)
         saved = self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
         if saved:
             self._unsealed.append(step)
         return saved
+
+    def _check_room(self, step: int, state: dict) -> None:
+        """Refuse a save the disk cannot hold, before Orbax starts writing (a write that runs
+        out midway fails inside Orbax's threads, noisily). The size expected is the newest
+        checkpoint's on disk, else the state's bytes, with a margin; older checkpoints are
+        removed only after a new one is complete, so the whole size must be free. Every
+        process checks and they agree (a save is collective)."""
+        needed = _tree_bytes(self.directory / str(self.steps()[-1])) if self.steps() else 0
+        if not needed:
+            needed = sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(state))
+        needed = int(needed * 1.1) + (1 << 20)
+        free = shutil.disk_usage(self.directory).free
+        short = free < needed
+        failed = _failed_processes(short)
+        if failed:
+            where = f"{self.directory}" if short else f"the checkpoint folder of process(es) {failed}"
+            raise ResourceError(
+                f"{where}: no space left for the checkpoint of step {step} (about {needed / 2**20:.1f} MB needed, "
+                f"{free / 2**20:.1f} MB free); the checkpoints saved before are intact: free disk space, then rerun "
+                "to resume")
 
     def seal_finished(self) -> None:
         """Write the checksums of the steps whose (asynchronous) save has finished (process 0)."""
@@ -213,6 +235,10 @@ class Checkpointer:
     def close(self) -> None:
         self.wait()
         self.manager.close()
+
+
+def _tree_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
 
 
 def _failed_processes(failed_here: bool) -> list[int]:

@@ -8,6 +8,7 @@ needs only NumPy (bfloat16 through ml_dtypes); ``.pt`` needs torch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any, Mapping
 import ml_dtypes
 import numpy as np
 
-from morpheus_jax.core.atomic import replacing, write_json
+from morpheus_jax.core.atomic import replacing
 from morpheus_jax.core.errors import WeightFileError
 
 SUFFIXES = (".safetensors", ".pt", ".pth")
@@ -45,20 +46,20 @@ def write_weights(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray],
         raise WeightFileError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     np_dtype = np.float32 if dtype == "float32" else ml_dtypes.bfloat16
     arrays = {k: np.ascontiguousarray(np.asarray(v, np.float32).astype(np_dtype)) for k, v in state_dict.items()}
-    if suffix == ".safetensors":
-        from safetensors.numpy import save_file  # lazy: optional dependency (the torch extra)
+    with contextlib.ExitStack() as both:     # both files written beside, then both renamed: never one alone
+        if sidecar is not None:
+            both.enter_context(replacing(sidecar_path(path))).write_text(json.dumps(sidecar, indent=1))
+        tmp = both.enter_context(replacing(path))
+        if suffix == ".safetensors":
+            from safetensors.numpy import save_file  # lazy: optional dependency (the torch extra)
 
-        with replacing(path) as tmp:
             save_file(arrays, str(tmp), metadata={"format": "pt"})
-    else:
-        import torch  # lazy: optional dependency (the torch extra)
+        else:
+            import torch  # lazy: optional dependency (the torch extra)
 
-        tensors = {k: torch.from_numpy(np.array(v, np.float32)).to(getattr(torch, dtype)).contiguous()
-                   for k, v in state_dict.items()}
-        with replacing(path) as tmp:
+            tensors = {k: torch.from_numpy(np.array(v, np.float32)).to(getattr(torch, dtype)).contiguous()
+                       for k, v in state_dict.items()}
             torch.save(tensors, tmp)
-    if sidecar is not None:
-        write_json(sidecar_path(path), sidecar)
     return path
 
 

@@ -13,9 +13,12 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
+
+from morpheus_jax.core.errors import ResourceError, resource_exhausted
 
 
 def temp_path(path: str | os.PathLike) -> Path:
@@ -34,9 +37,36 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
     tmp = temp_path(path)
     try:
         yield tmp
+        if tmp.is_file():      # some writers (safetensors) create owner-only files: the usual mode instead
+            os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except Exception as e:
+        if _out_of_space(e, path.parent):
+            raise ResourceError(f"{path}: no space left on the device while writing it (nothing was replaced; "
+                                "free disk space or write elsewhere, then rerun)") from e
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _out_of_space(exc: BaseException, folder: Path) -> bool:
+    """A failed write ran out of disk: its error says so, or (writers such as torch.save
+    report only an I/O error) the folder's disk has under 1 MiB left."""
+    if isinstance(exc, ResourceError):
+        return False
+    ran_out = resource_exhausted(exc)
+    if ran_out is not None:
+        return "no space" in ran_out
+    try:
+        return shutil.disk_usage(folder).free < (1 << 20)
+    except OSError:
+        return False
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -80,6 +80,11 @@ class CheckpointNotFound(CheckpointError, FileNotFoundError):
     """The path names no MORPHEUS checkpoint."""
 
 
+class ResourceError(UserError):
+    """A resource ran out or would run out (disk space, memory, file handles): names the path
+    or the setting and what ran out; what was written before stays."""
+
+
 class OutputExists(UserError, FileExistsError):
     """An output path is taken and replacing it was not asked for."""
 

@@ -19,8 +19,16 @@ hold every patch, padded with a mask.
 
 from __future__ import annotations
 
+import gc
 import math
+import os
+import secrets
+import signal
 import sys
+import threading
+import time
+import weakref
+from multiprocessing import shared_memory
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -196,8 +204,11 @@ class TrainBatches(grain.MapDataset):
         if subset is not None:
             self._n = len(subset)
         # Set in Grain worker processes: patches are written straight into shared memory,
-        # which the training process maps without a copy.
+        # which the training process maps without a copy. Segments are named
+        # ``<shm_prefix><random>`` so the reader that started the workers can find and
+        # release the ones Grain drops on close (`release_segments`).
         self.shared_memory = False
+        self.shm_prefix = "morpheus-"
 
     def __len__(self) -> int:
         return sys.maxsize
@@ -220,7 +231,7 @@ class TrainBatches(grain.MapDataset):
         b, n = self._b, self._num_patches
         dtype = rec.patch_numpy_dtype(self._dtype)
         shape = (b, n, self._dim)
-        wsi = SharedMemoryArray(shape, dtype) if self.shared_memory else np.empty(shape, dtype)
+        wsi = _shared_array(shape, dtype, self.shm_prefix) if self.shared_memory else np.empty(shape, dtype)
         out = {"wsi": wsi, "wsi_mask": np.ones((b, n), bool),
                "available": np.zeros((b, len(self._modalities)), bool),
                "record": np.zeros(b, np.int32), "epoch": np.zeros(b, np.int32), "bytes_read": np.zeros(b, np.int64)}
@@ -236,7 +247,101 @@ class TrainBatches(grain.MapDataset):
                 omics.setdefault(m, np.zeros((b, len(v)), np.float32))[j] = v
             out["record"][j], out["epoch"][j] = record["index"], epoch
         out["omics"] = omics
+        if self.shared_memory:      # every array in a named segment (Grain would copy the rest into unnamed ones)
+            out = _to_shared(out, self.shm_prefix)
         return out
+
+
+def _shared_array(shape: tuple[int, ...], dtype, prefix: str) -> SharedMemoryArray:
+    size = max(1, math.prod(shape) * np.dtype(dtype).itemsize)
+    shm = shared_memory.SharedMemory(name=prefix + secrets.token_hex(8), create=True, size=size)
+    return SharedMemoryArray.from_shared_memory(shm, shape, dtype)
+
+
+def _to_shared(tree, prefix: str):
+    if isinstance(tree, dict):
+        return {k: _to_shared(v, prefix) for k, v in tree.items()}
+    if isinstance(tree, np.ndarray) and not isinstance(tree, SharedMemoryArray) and tree.size:
+        shared = _shared_array(tree.shape, tree.dtype, prefix)
+        shared[...] = tree
+        return shared
+    return tree
+
+
+def _segments(tree) -> dict[str, SharedMemoryArray]:
+    """The shared-memory arrays of a batch, by segment name."""
+    if isinstance(tree, dict):
+        return {name: a for v in tree.values() for name, a in _segments(v).items()}
+    if isinstance(tree, SharedMemoryArray) and tree.shm is not None:
+        return {tree.shm.name.lstrip("/"): tree}
+    return {}
+
+
+SHM_DIR = Path("/dev/shm")
+
+
+def release_segments(prefix: str, keep: set[str] = frozenset()) -> int:
+    """Unlink the shared-memory segments named ``prefix…`` except ``keep`` (arrays still in
+    use); returns how many. Grain's multiprocess prefetch drops the batches its workers had
+    made but not handed over when it closes, without unlinking them: without this they
+    would outlive the command (the resource tracker warns at exit). Linux only (elsewhere
+    segments are not listed; nothing is done)."""
+    if not SHM_DIR.is_dir():
+        return 0
+    gc.collect()                                  # batches dropped by the reader's buffers
+    pool = getattr(SharedMemoryArray, "_del_thread_pool", None)
+    if pool is not None:                          # Grain unlinks dropped batches on a thread:
+        pool.apply(int)                           # let the queued unlinks finish first
+    count = 0
+    for name in sorted(os.listdir(SHM_DIR)):
+        if not name.startswith(prefix) or name in keep:
+            continue
+        try:
+            segment = shared_memory.SharedMemory(name=name)
+        except FileNotFoundError:
+            continue
+        segment.close()
+        segment.unlink()
+        count += 1
+    return count
+
+
+def release_stale_segments() -> int:
+    """Unlink the segments of readers whose process is gone (a run killed with its whole
+    process group, resource tracker included, leaves its batches in /dev/shm); returns how
+    many. Names carry the reader's pid namespace and pid (`segment_prefix`): live runs, and
+    runs in other containers sharing /dev/shm, are untouched."""
+    if not SHM_DIR.is_dir():
+        return 0
+    here, dead = _pid_namespace(), set()
+    for name in os.listdir(SHM_DIR):
+        parts = name.split("-")
+        if (len(parts) > 3 and parts[0] == "morpheus" and parts[1] == here and parts[2].isdigit()
+                and not _alive(int(parts[2]))):
+            dead.add("-".join(parts[:3]) + "-")
+    return sum(release_segments(prefix) for prefix in sorted(dead))
+
+
+def segment_prefix() -> str:
+    """``morpheus-<pid namespace>-<pid>-<random>-``: the names of one reader's segments."""
+    return f"morpheus-{_pid_namespace()}-{os.getpid()}-{secrets.token_hex(4)}-"
+
+
+def _pid_namespace() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "0"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def train_dataset(root: str | Path, split: str, *, global_batch: int, num_patches: int, seed: int,
@@ -275,6 +380,24 @@ class _SharedMemoryOutput(grain.IterDataset):
         return "SharedMemoryOutput"
 
 
+def _worker_init(index: int, count: int) -> None:
+    """In each Grain worker process: Ctrl-C and SIGTERM (sent to the whole process group by
+    a terminal or a scheduler) are the training process's to handle: it finishes its step,
+    saves and stops the workers. A worker whose parent died (SIGKILL) exits within a second
+    instead of running on as an orphan."""
+    del index, count
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="morpheus-parent-watch").start()
+
+
 class TrainIterator(grain.DatasetIterator):
     """Iterator over a `train_dataset` whose state is the index of the next global batch.
 
@@ -289,8 +412,12 @@ class TrainIterator(grain.DatasetIterator):
         self._ds, self._workers, self._prefetch = ds, worker_count, max(1, prefetch)
         self._next = 0
         self._reader = None
+        self._in_use: weakref.WeakValueDictionary = weakref.WeakValueDictionary()   # segment → array handed out
 
     def _open(self):
+        if isinstance(self._ds, TrainBatches) and self._workers > 0:   # workers name segments after the reader
+            release_stale_segments()
+            self._ds.shm_prefix = segment_prefix()
         ds = self._ds if self._next == 0 else self._ds.slice(slice(self._next, None))
         # Worker processes give the parallelism; in-process, reader threads do (tensorstore
         # reads and NumPy copies release the GIL).
@@ -303,7 +430,8 @@ class TrainIterator(grain.DatasetIterator):
             if not flags.FLAGS.is_parsed():
                 flags.FLAGS.mark_as_parsed()
             it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._workers,
-                                                             per_worker_buffer_size=self._prefetch))
+                                                             per_worker_buffer_size=self._prefetch),
+                                worker_init_fn=_worker_init)
         return iter(it)
 
     def __next__(self):
@@ -311,6 +439,7 @@ class TrainIterator(grain.DatasetIterator):
             self._reader = self._open()
         batch = next(self._reader)
         self._next += 1
+        self._in_use.update(_segments(batch))
         return batch
 
     def get_state(self) -> dict:
@@ -321,8 +450,12 @@ class TrainIterator(grain.DatasetIterator):
         self._next = int(state["next_index"])
 
     def close_reader(self) -> None:
+        """Stop the reader (its worker processes end) and release every shared-memory segment
+        its workers made that is not held by a batch still in use."""
         if self._reader is not None and hasattr(self._reader, "close"):
             self._reader.close()
+            if self._workers > 0 and isinstance(self._ds, TrainBatches):
+                release_segments(self._ds.shm_prefix, keep=set(self._in_use.keys()))
         self._reader = None
 
 

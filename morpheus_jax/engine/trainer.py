@@ -18,6 +18,7 @@ the metrics are read back (and checked) before every save, so no diverged state 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import signal
 import time
@@ -64,6 +65,28 @@ class Preemption:
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+@contextlib.contextmanager
+def signals_deferred(what: str):
+    """While ``what`` runs (a run's last checkpoint being written, its workers stopping), a
+    SIGTERM/SIGINT (a second Ctrl-C) is answered with one line and waits for it to finish:
+    interrupting it would lose the checkpoint the first signal asked for. SIGKILL still
+    stops everything (the checkpoints before are intact)."""
+    def handle(signum, frame):
+        log.warning(f"{signal.Signals(signum).name}: already stopping; {what} first")
+
+    old = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            old[sig] = signal.signal(sig, handle)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def _check_finite(step: int, pending: list, skipped_before: int, max_in_a_row: int) -> int:
