@@ -12,12 +12,12 @@ from conftest import synth_dataset
 import morpheus_jax
 from morpheus_jax.apps import downstream as ds
 from morpheus_jax.apps.finetune.protocol import few_shot_draw, stratified_folds
-from morpheus_jax.apps.finetune.trainer import Finetuner, FinetuneSettings
+from morpheus_jax.apps.finetune.trainer import Finetuner
 from morpheus_jax.apps.pretrain import pretrain
 from morpheus_jax.ckpt.checkpoint import read_checkpoint
 from morpheus_jax.cli.main import build_parser
 from morpheus_jax.cli.main import main as cli_main
-from morpheus_jax.core.config import load_config
+from morpheus_jax.core.config import FinetuneConfig, load_config
 from morpheus_jax.metrics import survival as surv
 
 DIM = 32
@@ -296,7 +296,7 @@ def test_finetune_model_names_and_init(setup):
     run_dir, data, _ = setup
     ckpt = read_checkpoint(run_dir)
     root, manifest = ds.open_dataset(data)
-    tr = Finetuner(ckpt, ds.Inputs(True, ("rna",)), 5, lambda o, b: o.sum(-1), FinetuneSettings(), root, manifest)
+    tr = Finetuner(ckpt, ds.Inputs(True, ("rna",)), 5, lambda o, b: o.sum(-1), FinetuneConfig(), root, manifest)
     heads = [n for n in tr.codec.names if n.startswith("final_layer.")]
     assert heads == ["final_layer.bias", "final_layer.kernel"]
     assert tr.codec.shapes["final_layer.kernel"] == (32, 5) and tr.codec.shapes["final_layer.bias"] == (5,)
@@ -321,7 +321,7 @@ def test_finetune_model_matches_torch_encoder(setup):
     run_dir, data, _ = setup
     ckpt = read_checkpoint(run_dir)
     root, manifest = ds.open_dataset(data)
-    tr = Finetuner(ckpt, ds.Inputs(True, ("cnv",)), 3, lambda o, b: o.sum(-1), FinetuneSettings(), root, manifest)
+    tr = Finetuner(ckpt, ds.Inputs(True, ("cnv",)), 3, lambda o, b: o.sum(-1), FinetuneConfig(), root, manifest)
     params = {k: np.asarray(v) for k, v in tr.init_params(0).items()}
     sd = to_torch(params, tr.layouts, tr.cfg, encoder_only=True)
     np.testing.assert_array_equal(sd["final_layer.1.weight"], params["final_layer.kernel"].T)
@@ -382,7 +382,7 @@ def _check_fine_tuned_exports(out, data, pred, tmp_path):
     for k in range(3):
         ckpt = read_checkpoint(out / f"fold_{k}")
         assert ckpt.params["final_layer.kernel"].shape == (32, 5) and not ckpt.decoders   # 5 cut points
-        assert ckpt.spec.head["task"] == "survival" and ckpt.spec.head["n_outputs"] == 5
+        assert ckpt.spec.head.task == "survival" and ckpt.spec.head.n_outputs == 5
     path = tmp_path / "fold1.safetensors"
     assert run("export", "--checkpoint", out / "fold_1", "--out", path) == 0
     side = json.loads(path.with_name(path.name + ".json").read_text())
@@ -435,7 +435,7 @@ def test_fit_is_deterministic(setup):
     ckpt = read_checkpoint(run_dir)
     root, manifest = ds.open_dataset(data)
     recs = ds.split_records(root, manifest, "fine-tune")[:12]
-    s = FinetuneSettings(epochs=2, batch_size=8, learning_rate=1e-3, num_patches=16)
+    s = FinetuneConfig(epochs=2, batch_size=8, learning_rate=1e-3, num_patches=16)
     tr = Finetuner(ckpt, ds.Inputs(True, ("rna",)), 2, lambda o, b: o[:, 0] * b["sign"], s, root, manifest)
     target = {"sign": np.where(np.arange(12) % 2, 1.0, -1.0).astype(np.float32)}
     (a, la), (b, lb) = tr.fit(recs, target, run=0), tr.fit(recs, target, run=0)
@@ -459,8 +459,8 @@ def test_finetune_classify(setup, tmp_path):
     assert (pred[pred["support"] == 1].groupby(["draw", "label"]).size() == 4).all()
     for i in range(2):                   # each draw's fine-tuned model: two classes, one logit (BCE)
         ckpt = read_checkpoint(tmp_path / "few" / f"draw_{i}")
-        assert ckpt.params["final_layer.kernel"].shape[1] == 1 and ckpt.spec.head["classes"] == ["0", "1"]
-        assert ckpt.spec.head["loss"] == "bce" and ckpt.spec.head["n_outputs"] == 1
+        assert ckpt.params["final_layer.kernel"].shape[1] == 1 and ckpt.spec.head.classes == ("0", "1")
+        assert ckpt.spec.head.loss == "bce" and ckpt.spec.head.n_outputs == 1
     np.testing.assert_allclose(pred[["prob_0", "prob_1"]].sum(axis=1), 1.0, atol=1e-5)
     _check_binary_export(tmp_path / "few" / "draw_0", data, pred[pred["draw"] == 0], tmp_path)
 

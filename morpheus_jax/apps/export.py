@@ -21,7 +21,7 @@ from morpheus_jax.ckpt.checkpoint import read_checkpoint, write_checkpoint
 from morpheus_jax.core.config import Config, ModelConfig, from_dict, load_config, to_dict
 from morpheus_jax.core.errors import ExportError, OutputExists
 from morpheus_jax.core.names import MODALITIES
-from morpheus_jax.core.spec import GroupLayout, ModelSpec
+from morpheus_jax.core.spec import GroupLayout, HeadSpec, ModelSpec
 from morpheus_jax.data.prepare import canonical_features
 from morpheus_jax.model.heads import HEAD
 from morpheus_jax.model.morpheus import init_model
@@ -37,12 +37,12 @@ DEFAULT_ORDER = MODALITIES
 
 def build_sidecar(cfg: Config, groups: Mapping[str, Mapping[str, list[str]]], features: Mapping[str, list[str]],
                   modalities: list[str], *, encoder_only: bool, dtype: str, step: int, source: str,
-                  head: dict | None = None) -> dict[str, Any]:
+                  head: HeadSpec | None = None) -> dict[str, Any]:
     model = dataclasses.asdict(cfg.model)
     module = "MorpheusProtoEncoder" if encoder_only else "MorpheusProto"
     if head is not None:
-        note = (f"Fine-tuned encoder with its task head final_layer.1 ({head['n_outputs']} outputs): load with "
-                f"MorpheusProtoEncoder(groups, ..., n_outputs={head['n_outputs']}).load_state_dict(sd, strict=True); "
+        note = (f"Fine-tuned encoder with its task head final_layer.1 ({head.n_outputs} outputs): load with "
+                f"MorpheusProtoEncoder(groups, ..., n_outputs={head.n_outputs}).load_state_dict(sd, strict=True); "
                 "morpheus_jax.torch.from_export(FILE) does both.")
     elif encoder_only:
         note = ("Encoder only (no decoders, no fine-tuning head): load with MorpheusProtoEncoder(groups, ..., "
@@ -52,7 +52,7 @@ def build_sidecar(cfg: Config, groups: Mapping[str, Mapping[str, list[str]]], fe
         note = "Full pretraining model: MorpheusProto(groups, ...).load_state_dict(sd, strict=True)."
     return {
         "format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "module": module, "encoder_only": encoder_only,
-        "has_head": head is not None, **({"n_outputs": head["n_outputs"], "head": head} if head else {}),
+        "has_head": head is not None, **({"n_outputs": head.n_outputs, "head": head.to_json()} if head else {}),
         "dtype": dtype, "step": step, "source": source, "note": note,
         "config": {k: model[k] for k in ("hidden_size", "num_prototypes", "wsi_dim", "group_hidden",
                                          "encoder_layers", "encoder_heads", "encoder_mlp_dim", "encoder_dropout",
@@ -91,7 +91,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
     sd = torch_layout.to_torch(ckpt.params, ckpt.layouts, cfg.model, encoder_only=encoder_only, modalities=mods)
     head = None
     if f"{HEAD}kernel" in ckpt.params:   # a fine-tuned model (morpheus finetune … --out)
-        head = {**(ckpt.spec.head or {}), "n_outputs": int(ckpt.params[f"{HEAD}kernel"].shape[1])}
+        n_outputs = int(ckpt.params[f"{HEAD}kernel"].shape[1])
+        head = (HeadSpec("unknown", n_outputs) if ckpt.spec.head is None
+                else dataclasses.replace(ckpt.spec.head, n_outputs=n_outputs))
     sidecar = build_sidecar(cfg, ckpt.groups, ckpt.features, mods, encoder_only=encoder_only, dtype=dtype,
                             step=ckpt.step, source=str(ckpt.step_dir), head=head)
     path = files.write_weights(out, sd, sidecar, dtype=dtype)

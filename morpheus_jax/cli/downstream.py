@@ -34,12 +34,14 @@ def cmd_reconstruction(args) -> int:
 
 
 def _settings(args, protocol: str):
+    """`FinetuneConfig`: the protocol's defaults, the flags given, then the finetune.<key>=value overrides."""
     from morpheus_jax.apps.finetune.trainer import protocol_settings  # lazy: start-up time
-    return protocol_settings(protocol, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
-                             weight_decay=args.weight_decay, dropout=args.dropout, warmup_epochs=args.warmup_epochs,
-                             cosine_period_epochs=args.cosine_period, num_patches=args.num_patches,
-                             eval_batch_size=args.eval_batch_size, seed=args.seed, pretrained=not args.no_pretrain,
-                             schedule=args.schedule, grad_accum_steps=args.grad_accum_steps)
+    return protocol_settings(protocol, args.overrides, epochs=args.epochs, batch_size=args.batch_size,
+                             learning_rate=args.lr, weight_decay=args.weight_decay, dropout=args.dropout,
+                             warmup_epochs=args.warmup_epochs, cosine_period_epochs=args.cosine_period,
+                             num_patches=args.num_patches, eval_batch_size=args.eval_batch_size, seed=args.seed,
+                             pretrained=False if args.no_pretrain else None, schedule=args.schedule,
+                             grad_accum_steps=args.grad_accum_steps)
 
 
 def cmd_survival(args) -> int:
@@ -53,13 +55,13 @@ def cmd_survival(args) -> int:
 
 def cmd_classify(args) -> int:
     from morpheus_jax.apps.finetune.classify import run_classify  # lazy: start-up time
-    if args.linear_probe and args.no_pretrain:
-        raise ConfigError("--linear-probe and --no-pretrain are two baselines; give one")
-    method = "linear_probe" if args.linear_probe else "no_pretrain" if args.no_pretrain else "finetune"
+    settings = _settings(args, "full" if args.full else "few-shot")
+    if args.linear_probe and not settings.pretrained:
+        raise ConfigError("--linear-probe and --no-pretrain (finetune.pretrained=false) are two baselines; give one")
+    method = "linear_probe" if args.linear_probe else "finetune" if settings.pretrained else "no_pretrain"
     return _done(run_classify(
         args.checkpoint, args.dataset, args.out, task=args.task, modalities=args.modalities, split=args.split,
-        k=args.k, draws=args.draws, full=args.full, folds=args.folds, method=method,
-        settings=_settings(args, "full" if args.full else "few-shot")))
+        k=args.k, draws=args.draws, full=args.full, folds=args.folds, method=method, settings=settings))
 
 
 def _common(s, *, modalities: bool = True, split: str = "all", batch_size: bool = False) -> None:
@@ -90,29 +92,35 @@ def _finetune_flags(s) -> None:
                         "few-shot 5, full-data classification 5)")
     s.add_argument("--batch-size", type=int, default=None,
                    help="patients per training step (default: survival 32, few-shot 1, full-data 32)")
-    s.add_argument("--grad-accum-steps", type=int, default=1,
+    s.add_argument("--grad-accum-steps", type=int, default=None,
                    help="micro-batches per update: the gradients of --batch-size / k patients at a time are "
                         "summed into the update of the whole batch (memory of one micro-batch; default 1)")
     s.add_argument("--schedule", choices=["paper", "constant"], default=None,
                    help="learning rate: the per-epoch warm-up + cosine factor (paper; survival's default) or "
                         "constant (the authors' classification scripts; classify's default)")
-    s.add_argument("--lr", type=float, default=5e-5, help="AdamW peak learning rate (default 5e-5)")
-    s.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay (default 1e-2)")
-    s.add_argument("--dropout", type=float, default=0.35,
+    s.add_argument("--lr", type=float, default=None, help="AdamW peak learning rate (default 5e-5)")
+    s.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 1e-2)")
+    s.add_argument("--dropout", type=float, default=None,
                    help="dropout in the encoder blocks and before the head (default 0.35)")
-    s.add_argument("--warmup-epochs", type=int, default=5,
+    s.add_argument("--warmup-epochs", type=int, default=None,
                    help="linear warm-up epochs of the per-epoch schedule (default 5)")
-    s.add_argument("--cosine-period", type=int, default=25,
+    s.add_argument("--cosine-period", type=int, default=None,
                    help="cosine period in epochs: factor min((e+1)/warmup, 0.5(1+cos(pi e/period))) (default 25)")
     s.add_argument("--num-patches", type=int, default=None,
                    help="patches sampled per training bag (default: the pretraining data.num_patches); "
                         "evaluation uses every patch")
     s.add_argument("--eval-batch-size", type=int, default=None,
                    help="patients per evaluation batch (default: the pretraining data.eval_batch_size)")
-    s.add_argument("--seed", type=int, default=1999,
+    s.add_argument("--seed", type=int, default=None,
                    help="seed of folds, draws, head init, patch sampling and dropout (default 1999)")
     s.add_argument("--no-pretrain", action="store_true",
                    help="baseline: the same model, folds and seeds from random weights instead of the checkpoint")
+    s.add_argument("overrides", nargs="*", metavar="finetune.key=value",
+                   help="fine-tuning settings as dotted overrides (they win over the flags, which are aliases), "
+                        "e.g. finetune.epochs=3 finetune.learning_rate=1e-4 finetune.pretrained=false; keys: "
+                        "epochs, batch_size, learning_rate, weight_decay, dropout, warmup_epochs, "
+                        "cosine_period_epochs, num_patches, eval_batch_size, seed, pretrained, schedule, "
+                        "grad_accum_steps")
 
 
 def register(subparsers) -> None:
@@ -163,7 +171,8 @@ def register(subparsers) -> None:
         "finetune", help="fine-tune the encoder on a task (finetune survival | classify)",
         description="Fine-tune the pretrained encoder + a Dropout → Linear head on the global token, with the "
                     "paper's settings by default (AdamW lr 5e-5, wd 1e-2, dropout 0.35, 20 epochs, batch 32, "
-                    "warm-up 5, cosine period 25). `morpheus finetune survival --help` / `classify --help`.")
+                    "warm-up 5, cosine period 25). `morpheus finetune survival --help` / `classify --help`; "
+                    "settings also as finetune.<key>=value overrides.")
     ft = s.add_subparsers(dest="task_kind", metavar="TASK", required=True,
                           help="survival (c-index by k-fold CV) or classify (few-shot or full-data)")
     v = ft.add_parser(

@@ -422,3 +422,78 @@ def model_config_diff(a: ModelConfig, b: ModelConfig) -> list[str]:
     """Dotted keys whose values differ between two model configs (`COMPUTE_ONLY` ones aside)."""
     da, db = dataclasses.asdict(a), dataclasses.asdict(b)
     return [f"model.{k}: {da[k]!r} != {db[k]!r}" for k in da if da[k] != db.get(k) and k not in COMPUTE_ONLY]
+
+
+# -- fine-tuning ----------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    """`morpheus finetune …` settings, overridden as ``finetune.<field>=value`` (the flags are
+    aliases); defaults are §3's fine-tuning values. The optimizer and schedule fields mean what
+    the `TrainConfig` fields of the same names mean (`train_config`)."""
+
+    epochs: int = 20
+    batch_size: int = 32
+    learning_rate: float = 5e-5
+    weight_decay: float = 1e-2
+    dropout: float = 0.35
+    warmup_epochs: int = 5
+    cosine_period_epochs: int = 25
+    num_patches: int | None = None          # None: the pretraining config's data.num_patches
+    eval_batch_size: int | None = None      # None: the pretraining config's data.eval_batch_size
+    seed: int = 1999
+    pretrained: bool = True                 # False: the same model from random weights
+    schedule: str = "paper"                 # "paper" (per-epoch warm-up + cosine) or "constant"
+    grad_accum_steps: int = 1               # micro-batches per update (batch_size is the update's)
+
+    def train_config(self) -> TrainConfig:
+        """The optimizer and learning-rate schedule as the engine reads them (AdamW β 0.9, 0.999)."""
+        return TrainConfig(learning_rate=self.learning_rate, weight_decay=self.weight_decay, b1=0.9, b2=0.999,
+                           schedule=self.schedule, warmup_epochs=self.warmup_epochs,
+                           cosine_period_epochs=self.cosine_period_epochs)
+
+
+# The flag each fine-tuning key is also given by (named in errors).
+FINETUNE_FLAGS = {"epochs": "--epochs", "batch_size": "--batch-size", "learning_rate": "--lr",
+                  "weight_decay": "--weight-decay", "dropout": "--dropout", "warmup_epochs": "--warmup-epochs",
+                  "cosine_period_epochs": "--cosine-period", "num_patches": "--num-patches",
+                  "eval_batch_size": "--eval-batch-size", "seed": "--seed", "schedule": "--schedule",
+                  "grad_accum_steps": "--grad-accum-steps"}
+
+
+def load_finetune_config(values: dict[str, Any], overrides: list[str] = ()) -> FinetuneConfig:
+    """`FinetuneConfig` from ``values`` (field → value; the flags) then ``finetune.<field>=value``
+    overrides, type-checked like the pretraining config and validated."""
+    cfg = FinetuneConfig()
+    _apply(cfg, values, "finetune.")
+    parsed = parse_overrides(list(overrides))
+    other = sorted(set(parsed) - {"finetune"})
+    if other:
+        raise ConfigError(f"fine-tuning overrides are finetune.<key>=value; got {other[0]}.… "
+                          f"(keys: {', '.join(f'finetune.{k}' for k in FINETUNE_FLAGS)}, finetune.pretrained)")
+    if parsed:
+        if not isinstance(parsed["finetune"], dict):
+            raise ConfigError("override 'finetune=…' needs a key: finetune.<key>=value")
+        _apply(cfg, parsed["finetune"], "finetune.")
+    validate_finetune(cfg)
+    return cfg
+
+
+def validate_finetune(f: FinetuneConfig) -> None:
+    def name(key: str) -> str:
+        return f"finetune.{key} ({FINETUNE_FLAGS[key]})"
+
+    for key in ("epochs", "batch_size", "grad_accum_steps", "warmup_epochs", "cosine_period_epochs",
+                "num_patches", "eval_batch_size"):
+        value = getattr(f, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"{name(key)} must be at least 1, got {value}")
+    if not 0.0 <= f.dropout < 1.0:
+        raise ConfigError(f"{name('dropout')} must be in [0, 1), got {f.dropout}")
+    if f.learning_rate <= 0:
+        raise ConfigError(f"{name('learning_rate')} must be positive, got {f.learning_rate}")
+    if f.batch_size % f.grad_accum_steps:
+        raise ConfigError(f"{name('batch_size')} {f.batch_size} must be a multiple of {name('grad_accum_steps')} "
+                          f"{f.grad_accum_steps}")
+    if f.schedule not in ("paper", "constant"):
+        raise ConfigError(f"{name('schedule')} must be paper or constant, got {f.schedule!r}")

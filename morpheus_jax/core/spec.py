@@ -159,6 +159,48 @@ BUCKETED_LAYOUT, CANONICAL_LAYOUT = 1, 2
 
 
 @dataclasses.dataclass(frozen=True)
+class HeadSpec:
+    """A fine-tuned model's task head, stored in its checkpoint spec and in the export sidecar:
+    the task (a metadata column, or ``survival``), the output count, the loss its outputs were
+    trained with (``logistic_hazard``, ``bce``, ``softmax``, ``mse``: what they mean); for a
+    classifier, the classes in output order (one logit for two classes: the second's); for a
+    regression, the standardisation its output is in (value = output · target_std + target_mean)."""
+
+    task: str
+    n_outputs: int
+    loss: str | None = None
+    classes: tuple[str, ...] | None = None
+    target_mean: float | None = None
+    target_std: float | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.n_outputs, int) or isinstance(self.n_outputs, bool) or self.n_outputs < 1:
+            raise InputError(f"a task head needs at least one output, got n_outputs={self.n_outputs!r}")
+        if self.classes is not None:
+            object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
+
+    @classmethod
+    def from_json(cls, data, where: str) -> "HeadSpec":
+        try:
+            classes = data.get("classes")
+            mean, std = data.get("target_mean"), data.get("target_std")
+            return cls(str(data["task"]), int(data["n_outputs"]), data.get("loss"),
+                       None if classes is None else tuple(classes), None if mean is None else float(mean),
+                       None if std is None else float(std))
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise CheckpointError(f"{where}: not a task head spec ({type(e).__name__}: {e})") from None
+
+    def to_json(self) -> dict:
+        out: dict = {"task": self.task, "n_outputs": self.n_outputs}
+        if self.classes is not None:
+            out["classes"] = list(self.classes)
+        if self.loss is not None:
+            out["loss"] = self.loss
+        extra = {"target_mean": self.target_mean, "target_std": self.target_std}
+        return {**out, **{k: v for k, v in extra.items() if v is not None}}
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """What a checkpoint needs to rebuild its model without the dataset: the resolved
     config (a dict, `morpheus_jax.core.config.to_dict`), each modality's group mapping and
@@ -169,8 +211,8 @@ class ModelSpec:
     groups: dict
     features: dict
     param_layout: int = CANONICAL_LAYOUT
-    # A fine-tuned model's task head: {"task", "n_outputs", and what its outputs mean}.
-    head: dict | None = None
+    # A fine-tuned model's task head (what its outputs mean).
+    head: HeadSpec | None = None
 
     @classmethod
     def build(cls, cfg: Config, groups, features) -> "ModelSpec":
@@ -189,14 +231,15 @@ class ModelSpec:
             mods = data["modalities"]
             return cls(dict(data["config"]), {m: dict(v["groups"]) for m, v in mods.items()},
                        {m: list(v["features"]) for m, v in mods.items()},
-                       int(data.get("param_layout", BUCKETED_LAYOUT)), data.get("head"))
+                       int(data.get("param_layout", BUCKETED_LAYOUT)),
+                       None if data.get("head") is None else HeadSpec.from_json(data["head"], where))
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise CheckpointError(f"{where}: not a MORPHEUS checkpoint spec ({type(e).__name__}: {e})") from None
 
     def to_json(self) -> dict:
         out = {"config": self.config, "param_layout": self.param_layout,
                "modalities": {m: {"groups": self.groups[m], "features": self.features[m]} for m in self.groups}}
-        return out if self.head is None else {**out, "head": self.head}
+        return out if self.head is None else {**out, "head": self.head.to_json()}
 
     def layouts(self, modalities, num_buckets: int) -> dict[str, GroupLayout]:
         missing = [m for m in modalities if m not in self.groups]

@@ -1,4 +1,7 @@
-"""Classification metrics (MORPHEUS.md §4) as pure NumPy functions.
+"""Classification metrics (MORPHEUS.md §4) as pure NumPy functions, and the fine-tuning
+losses of a classifier head (JAX, per row).
+
+- `binary_cross_entropy` (the authors' two-class head: one logit) and `softmax_cross_entropy`;
 
 - `roc_auc`: binary ROC AUC, or the macro mean of one-vs-rest AUCs above two classes (as
   scikit-learn's ``roc_auc_score(..., multi_class="ovr", average="macro")``); tied scores
@@ -9,7 +12,10 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 from scipy.stats import rankdata
 
 from morpheus_jax.core.errors import InputError
@@ -63,3 +69,13 @@ def softmax(logits) -> np.ndarray:
     z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
+
+
+def binary_cross_entropy(logit, label) -> jax.Array:
+    """logit ``[n]``, label ``[n]`` in {0, 1} (1 = the second class) → ``[n]`` BCE with logits."""
+    return optax.sigmoid_binary_cross_entropy(logit, jnp.asarray(label).astype(jnp.float32))
+
+
+def softmax_cross_entropy(logits, label) -> jax.Array:
+    """logits ``[n, C]``, label ``[n]`` int class → ``[n]`` cross-entropy."""
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), jnp.asarray(label)[:, None], axis=-1)[:, 0]

@@ -14,43 +14,26 @@ the same patients.
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import time
-from pathlib import Path
 
-from typing import Callable
-
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-import pandas as pd
 
 from morpheus_jax.apps.downstream import Log
-from morpheus_jax.apps.finetune.cohort import open_cohort, summary_stats
+from morpheus_jax.apps.finetune.cohort import Cohort
 from morpheus_jax.apps.finetune.linear_probe import LogisticRegression
 from morpheus_jax.apps.finetune.protocol import few_shot_draw, stratified_folds
-from morpheus_jax.apps.finetune.trainer import Finetuner, FinetuneSettings
-from morpheus_jax.core.atomic import write_csv, write_json
+from morpheus_jax.apps.finetune.runner import METHODS, run_task
+from morpheus_jax.apps.finetune.task import Fit, SplitPlan, Task
+from morpheus_jax.core.config import FinetuneConfig
 from morpheus_jax.core.errors import DownstreamError
-from morpheus_jax.metrics.classification import balanced_accuracy, roc_auc, softmax
-
-METHODS = ("finetune", "no_pretrain", "linear_probe")
-
-
-def _softmax_loss(outputs, batch):
-    return -jnp.take_along_axis(jax.nn.log_softmax(outputs, axis=-1), batch["label"][:, None], axis=-1)[:, 0]
-
-
-def _binary_loss(outputs, batch):
-    """The authors' two-class head: one logit, binary cross-entropy (label 1 = the second class)."""
-    return optax.sigmoid_binary_cross_entropy(outputs[:, 0], batch["label"].astype(jnp.float32))
-
-
-def head_for(classes: list[str]) -> tuple[int, Callable, str]:
-    """(outputs, loss, name): one logit + BCE for two classes, softmax cross-entropy above."""
-    return (1, _binary_loss, "bce") if len(classes) == 2 else (len(classes), _softmax_loss, "softmax")
+from morpheus_jax.core.spec import HeadSpec
+from morpheus_jax.metrics.classification import (
+    balanced_accuracy,
+    binary_cross_entropy,
+    roc_auc,
+    softmax,
+    softmax_cross_entropy,
+)
 
 
 def probabilities(outputs: np.ndarray) -> np.ndarray:
@@ -76,77 +59,77 @@ def class_labels(values: list, column: str) -> tuple[np.ndarray, list[str]]:
     return np.asarray([index[str(v)] for v in values]), classes
 
 
+class ClassifyTask(Task):
+    """A metadata column's classes: one logit + BCE for two (the authors'), softmax
+    cross-entropy above; ROC AUC and balanced accuracy per few-shot draw or fold."""
+
+    metrics = ("roc_auc", "balanced_accuracy")
+
+    def __init__(self, column: str, *, k: int = 5, draws: int = 10, full: bool = False, folds: int = 5):
+        self.title, self.columns = column, (column,)
+        self.k, self.draws, self.full, self.folds = k, draws, full, folds
+        self.protocol = "full" if full else "few-shot"
+
+    def header(self) -> dict:
+        return {"mode": self.protocol}
+
+    def prepare(self, cohort: Cohort, settings: FinetuneConfig) -> SplitPlan:
+        values = cohort.columns[self.title]
+        self.y, self.classes = class_labels(values, self.title)
+        self.counts = np.bincount(self.y, minlength=len(self.classes))
+        if self.full:
+            return SplitPlan.folds(stratified_folds(self.y, self.folds, settings.seed), self.folds, by_patient=False)
+        if self.k < 1 or self.draws < 1:
+            raise DownstreamError("--k and --draws must be at least 1")
+        short = [f"{c} ({n})" for c, n in zip(self.classes, self.counts) if n <= self.k]
+        if short:
+            raise DownstreamError(f"{self.k}-shot needs more than {self.k} patients per class of {self.title!r}; "
+                                  f"too few: {', '.join(short)}")
+        return SplitPlan("draw", [few_shot_draw(values, self.k, d, settings.seed) for d in range(self.draws)])
+
+    def describe(self) -> str:
+        shots = "" if self.full else f"k = {self.k}, "
+        return f"{shots}classes {', '.join(f'{c} ({n})' for c, n in zip(self.classes, self.counts))}"
+
+    def fields(self) -> dict:
+        return {"classes": self.classes, "class_counts": self.counts.tolist(),
+                **({"folds": self.folds} if self.full else {"k": self.k, "draws": self.draws})}
+
+    @property
+    def binary(self) -> bool:
+        return len(self.classes) == 2
+
+    def fit(self, train: np.ndarray) -> Fit:
+        n_outputs, loss = (1, "bce") if self.binary else (len(self.classes), "softmax")
+        return Fit(HeadSpec(self.title, n_outputs, loss, tuple(self.classes)), {"label": self.y.astype(np.int32)})
+
+    def loss(self, outputs, batch):
+        if self.binary:
+            return binary_cross_entropy(outputs[:, 0], batch["label"])
+        return softmax_cross_entropy(outputs, batch["label"])
+
+    def decode(self, outputs: np.ndarray, fit: Fit) -> np.ndarray:
+        return probabilities(outputs)
+
+    def probe(self, train_embeddings: np.ndarray, train: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
+        return LogisticRegression().fit(train_embeddings, self.y[train], len(self.classes)).predict_proba(embeddings)
+
+    def score(self, rows: np.ndarray, pred: np.ndarray, fit: Fit) -> dict[str, float]:
+        return {"roc_auc": roc_auc(self.y[rows], pred), "balanced_accuracy": balanced_accuracy(self.y[rows],
+                                                                                             pred.argmax(1))}
+
+    def prediction_columns(self, rows: np.ndarray, pred: np.ndarray, fit: Fit) -> dict:
+        out = {"label": [self.classes[j] for j in self.y[rows]],
+               "predicted": [self.classes[j] for j in pred.argmax(1)]}
+        return {**out, **{f"prob_{name}": pred[:, c] for c, name in enumerate(self.classes)}}
+
+
 def run_classify(checkpoint: str | os.PathLike, dataset: str | os.PathLike, out_dir: str | os.PathLike, *,
                  task: str, modalities: str = "wsi", split: str = "fine-tune", k: int = 5, draws: int = 10,
                  full: bool = False, folds: int = 5, method: str = "finetune",
-                 settings: FinetuneSettings | None = None, log: Log = print) -> dict:
+                 settings: FinetuneConfig | None = None, log: Log = print) -> dict:
     """Few-shot draws (or ``full``: k-fold CV); writes ``predictions.csv`` and ``results.json``."""
-
     if method not in METHODS:
         raise DownstreamError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    s = dataclasses.replace(settings or FinetuneSettings(), pretrained=method != "no_pretrain")
-    cohort = open_cohort(checkpoint, dataset, modalities, split, [task], log)
-    y, classes = class_labels(cohort.columns[task], task)
-    counts = np.bincount(y, minlength=len(classes))
-    if full:
-        fold_of = stratified_folds(y, folds, s.seed)
-        parts = [(np.flatnonzero(fold_of != f), np.flatnonzero(fold_of == f)) for f in range(folds)]
-        unit, mode = "fold", "full"
-    else:
-        if k < 1 or draws < 1:
-            raise DownstreamError("--k and --draws must be at least 1")
-        short = [f"{c} ({n})" for c, n in zip(classes, counts) if n <= k]
-        if short:
-            raise DownstreamError(f"{k}-shot needs more than {k} patients per class of {task!r}; too few: "
-                                  f"{', '.join(short)}")
-        parts = [few_shot_draw(cohort.columns[task], k, d, s.seed) for d in range(draws)]
-        unit, mode = "draw", "few-shot"
-    n_outputs, loss, loss_name = head_for(classes)
-    trainer = Finetuner(cohort.ckpt, cohort.inputs, n_outputs, loss, s, cohort.root, cohort.manifest,
-                        head={"task": task, "n_outputs": n_outputs, "classes": classes, "loss": loss_name})
-    log(f"{task} ({method}, {mode}{f', k = {k}' if not full else ''}) on {len(cohort.records)} {split} patients, "
-        f"classes {', '.join(f'{c} ({n})' for c, n in zip(classes, counts))}, inputs {cohort.inputs.label}")
-    embeddings = None
-    if method == "linear_probe":
-        embeddings = trainer.embed(trainer.init_params(0, pretrained=True), cohort.records)
-    aucs, baccs, losses, frames = [], [], [], []
-    for i, (train, test) in enumerate(parts):
-        t0 = time.perf_counter()
-        # Predictions for the held-out patients; a few-shot draw also reports its support set.
-        rows = np.arange(len(y)) if unit == "draw" else test
-        if method == "linear_probe":
-            prob = LogisticRegression().fit(embeddings[train], y[train], len(classes)).predict_proba(embeddings[rows])
-        else:
-            params, history = trainer.fit([cohort.records[j] for j in train], {"label": y[train].astype(np.int32)},
-                                          run=i, save_to=Path(out_dir) / f"{unit}_{i}")
-            prob = probabilities(trainer.predict(params, [cohort.records[j] for j in rows]))
-            losses.append(history)
-        pred = prob.argmax(1)
-        held_out = np.isin(rows, test)
-        aucs.append(roc_auc(y[rows][held_out], prob[held_out]))
-        baccs.append(balanced_accuracy(y[rows][held_out], pred[held_out]))
-        frame = pd.DataFrame({"submitter_id": [cohort.ids[j] for j in rows], unit: i,
-                              **({"support": (~held_out).astype(int)} if unit == "draw" else {}),
-                              "label": [classes[j] for j in y[rows]], "predicted": [classes[j] for j in pred]})
-        for c, name in enumerate(classes):
-            frame[f"prob_{name}"] = prob[:, c]
-        frames.append(frame)
-        log(f"{unit} {i + 1}/{len(parts)}: ROC AUC {aucs[-1]:.3f}, balanced accuracy {baccs[-1]:.3f} "
-            f"({train.size} train, {test.size} test; {time.perf_counter() - t0:.1f} s)")
-    out_dir = Path(out_dir)
-    write_csv(out_dir / "predictions.csv", pd.concat(frames), float_format="%.6g")
-    auc_mean, auc_std = summary_stats(aucs)
-    bacc_mean, bacc_std = summary_stats(baccs)
-    results = {"task": task, "method": method, "mode": mode, "modalities": cohort.inputs.label, "split": split,
-               "checkpoint": str(cohort.ckpt.step_dir), "step": cohort.ckpt.step, "patients": len(cohort.records),
-               "classes": classes, "class_counts": counts.tolist(),
-               **({"folds": folds} if full else {"k": k, "draws": draws}),
-               f"roc_auc_per_{unit}": aucs, f"balanced_accuracy_per_{unit}": baccs,
-               "roc_auc_mean": auc_mean, "roc_auc_std": auc_std,
-               "balanced_accuracy_mean": bacc_mean, "balanced_accuracy_std": bacc_std,
-               "train_loss_per_epoch": losses,
-               "settings": {**dataclasses.asdict(s), "num_patches": trainer.num_patches}}
-    write_json(out_dir / "results.json", results)
-    log(f"ROC AUC {auc_mean:.3f} ± {auc_std:.3f}, balanced accuracy {bacc_mean:.3f} ± {bacc_std:.3f} over "
-        f"{len(parts)} {unit}s; wrote {out_dir / 'predictions.csv'} and results.json")
-    return results
+    return run_task(ClassifyTask(task, k=k, draws=draws, full=full, folds=folds), checkpoint, dataset, out_dir,
+                    settings=settings or FinetuneConfig(), modalities=modalities, split=split, method=method, log=log)

@@ -13,20 +13,18 @@ initial head and batches.
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import time
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from morpheus_jax.apps.downstream import Log
-from morpheus_jax.apps.finetune.cohort import numeric, open_cohort, summary_stats
+from morpheus_jax.apps.finetune.cohort import Cohort, numeric
 from morpheus_jax.apps.finetune.protocol import stratified_folds
-from morpheus_jax.apps.finetune.trainer import Finetuner, FinetuneSettings
-from morpheus_jax.core.atomic import write_csv, write_json
+from morpheus_jax.apps.finetune.runner import run_task
+from morpheus_jax.apps.finetune.task import Fit, SplitPlan, Task
+from morpheus_jax.core.config import FinetuneConfig
 from morpheus_jax.core.errors import DownstreamError, InputError
+from morpheus_jax.core.spec import HeadSpec
 from morpheus_jax.metrics.survival import (
     concordance_index_censored,
     discrete_time_labels,
@@ -39,10 +37,6 @@ from morpheus_jax.metrics.survival import (
 BINS_FIT = ("fold", "all")
 
 
-def _loss(outputs, batch):
-    return logistic_hazard_nll(outputs, batch["interval"], batch["event"], reduction="none")
-
-
 def precomputed_folds(values: list, column: str) -> tuple[np.ndarray, int]:
     """A metadata column of fold labels → ``[n]`` fold index (labels in sorted order) and the count."""
     labels = [str(v) for v in values]
@@ -53,83 +47,80 @@ def precomputed_folds(values: list, column: str) -> tuple[np.ndarray, int]:
     return np.asarray([index[x] for x in labels], np.int64), len(names)
 
 
+class SurvivalTask(Task):
+    """Discrete-time survival: KM-quantile cuts (per training fold or once), logistic-hazard
+    NLL, risk = sum of the outputs, censored c-index per fold."""
+
+    title, metrics, protocol = "survival", ("c_index",), "survival"
+
+    def __init__(self, *, folds: int = 5, bins: int = 5, bins_fit: str = "fold", folds_column: str | None = None,
+                 time_column: str = "survival_months", censorship_column: str = "censorship"):
+        if bins < 2:
+            raise DownstreamError(f"--bins must be at least 2 (cut points of the quantile scheme), got {bins}")
+        if bins_fit not in BINS_FIT:
+            raise DownstreamError(f"--bins-fit must be one of {', '.join(BINS_FIT)}, got {bins_fit!r}")
+        self.folds, self.bins, self.bins_fit, self.folds_column = folds, bins, bins_fit, folds_column
+        self.time_column, self.censorship_column = time_column, censorship_column
+        self.columns = (time_column, censorship_column) + ((folds_column,) if folds_column else ())
+
+    def prepare(self, cohort: Cohort, settings: FinetuneConfig) -> SplitPlan:
+        self.times = times = numeric(cohort.columns[self.time_column], self.time_column)
+        if not np.isfinite(times).all() or (times < 0).any():
+            raise DownstreamError(f"column {self.time_column!r}: survival times must be finite and non-negative")
+        try:
+            self.event = event = event_from_censorship(numeric(cohort.columns[self.censorship_column],
+                                                               self.censorship_column))
+        except InputError as e:
+            raise DownstreamError(f"column {self.censorship_column!r}: {e}") from None
+        if self.folds_column:
+            fold_of, self.folds = precomputed_folds(cohort.columns[self.folds_column], self.folds_column)
+        else:
+            if event.sum() < self.folds:
+                raise DownstreamError(f"{int(event.sum())} observed events are too few for {self.folds} folds")
+            fold_of = stratified_folds(event, self.folds, settings.seed)
+        if not event.any():
+            raise DownstreamError(f"column {self.censorship_column!r}: no observed event, a c-index is undefined")
+        self.all_cuts = km_quantile_cuts(times, event, self.bins) if self.bins_fit == "all" else None
+        return SplitPlan.folds(fold_of, self.folds, by_patient=True)
+
+    def describe(self) -> str:
+        where = "the whole cohort" if self.all_cuts is not None else "each training fold"
+        column = f" from column {self.folds_column!r}" if self.folds_column else ""
+        return f"{int(self.event.sum())} events, folds{column}, {self.bins} KM-quantile cuts fitted on {where}"
+
+    def fields(self) -> dict:
+        return {"events": int(self.event.sum()), "folds": self.folds, "folds_column": self.folds_column,
+                "bins": self.bins, "bins_fit": self.bins_fit, "bin_scheme": "km_quantiles",
+                "time_column": self.time_column, "censorship_column": self.censorship_column}
+
+    def fit(self, train: np.ndarray) -> Fit:
+        cuts = self.all_cuts if self.all_cuts is not None else km_quantile_cuts(self.times[train],
+                                                                              self.event[train], self.bins)
+        idx, ev = discrete_time_labels(self.times, self.event, cuts)
+        return Fit(HeadSpec("survival", len(cuts), "logistic_hazard"),
+                   {"interval": idx, "event": ev.astype(np.float32)}, {"time_cuts": cuts.tolist()})
+
+    def loss(self, outputs, batch):
+        return logistic_hazard_nll(outputs, batch["interval"], batch["event"], reduction="none")
+
+    def decode(self, outputs: np.ndarray, fit: Fit) -> np.ndarray:
+        return np.asarray(risk_from_logits(outputs), np.float64)
+
+    def score(self, rows: np.ndarray, pred: np.ndarray, fit: Fit) -> dict[str, float]:
+        return {"c_index": concordance_index_censored(self.event[rows], self.times[rows], pred)[0]}
+
+    def prediction_columns(self, rows: np.ndarray, pred: np.ndarray, fit: Fit) -> dict:
+        return {"risk": pred, "time": self.times[rows], "event": self.event[rows],
+                "bin": fit.targets["interval"][rows]}
+
+
 def run_survival(checkpoint: str | os.PathLike, dataset: str | os.PathLike, out_dir: str | os.PathLike, *,
                  modalities: str = "wsi", split: str = "fine-tune", folds: int = 5, bins: int = 5,
                  bins_fit: str = "fold", folds_column: str | None = None,
                  time_column: str = "survival_months", censorship_column: str = "censorship",
-                 settings: FinetuneSettings | None = None, log: Log = print) -> dict:
+                 settings: FinetuneConfig | None = None, log: Log = print) -> dict:
     """Cross-validated fine-tuning; writes ``predictions.csv`` and ``results.json`` to ``out_dir``."""
-
-    s = settings or FinetuneSettings()
-    if bins < 2:
-        raise DownstreamError(f"--bins must be at least 2 (cut points of the quantile scheme), got {bins}")
-    if bins_fit not in BINS_FIT:
-        raise DownstreamError(f"--bins-fit must be one of {', '.join(BINS_FIT)}, got {bins_fit!r}")
-    columns = [time_column, censorship_column] + ([folds_column] if folds_column else [])
-    cohort = open_cohort(checkpoint, dataset, modalities, split, columns, log)
-    times = numeric(cohort.columns[time_column], time_column)
-    if not np.isfinite(times).all() or (times < 0).any():
-        raise DownstreamError(f"column {time_column!r}: survival times must be finite and non-negative")
-    try:
-        event = event_from_censorship(numeric(cohort.columns[censorship_column], censorship_column))
-    except InputError as e:
-        raise DownstreamError(f"column {censorship_column!r}: {e}") from None
-    if folds_column:
-        fold_of, folds = precomputed_folds(cohort.columns[folds_column], folds_column)
-    else:
-        if event.sum() < folds:
-            raise DownstreamError(f"{int(event.sum())} observed events are too few for {folds} folds")
-        fold_of = stratified_folds(event, folds, s.seed)
-    if not event.any():
-        raise DownstreamError(f"column {censorship_column!r}: no observed event, a c-index is undefined")
-    trainers: dict[int, Finetuner] = {}
-
-    def trainer_for(n_outputs: int) -> Finetuner:       # one per output count (folds may drop a duplicate cut)
-        if n_outputs not in trainers:
-            trainers[n_outputs] = Finetuner(cohort.ckpt, cohort.inputs, n_outputs, _loss, s, cohort.root,
-                                            cohort.manifest, head={"task": "survival", "n_outputs": n_outputs,
-                                                                   "loss": "logistic_hazard"})
-        return trainers[n_outputs]
-
-    all_cuts = km_quantile_cuts(times, event, bins) if bins_fit == "all" else None
-    num_patches = s.num_patches or cohort.ckpt.config.data.num_patches
-    method = "finetune" if s.pretrained else "no_pretrain"
-    log(f"survival ({method}) on {len(cohort.records)} {split} patients ({int(event.sum())} events), inputs "
-        f"{cohort.inputs.label}, {folds} folds{f' from column {folds_column!r}' if folds_column else ''}, "
-        f"{bins} KM-quantile cuts fitted on {'the whole cohort' if all_cuts is not None else 'each training fold'}; "
-        f"{s.epochs} epochs, batch {s.batch_size}, lr {s.learning_rate:g}, {num_patches} patches "
-        "per training bag")
-    risk, label = np.zeros(len(cohort.records)), np.zeros(len(cohort.records), np.int32)
-    per_fold, cuts_per_fold, losses = [], [], []
-    for k in range(folds):
-        t0 = time.perf_counter()
-        train, test = np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)
-        cuts = all_cuts if all_cuts is not None else km_quantile_cuts(times[train], event[train], bins)
-        idx, ev = discrete_time_labels(times, event, cuts)
-        trainer = trainer_for(len(cuts))
-        params, history = trainer.fit([cohort.records[i] for i in train],
-                                      {"interval": idx[train], "event": ev[train].astype(np.float32)}, run=k,
-                                      save_to=Path(out_dir) / f"fold_{k}")
-        risk[test] = risk_from_logits(trainer.predict(params, [cohort.records[i] for i in test]))
-        label[test] = idx[test]
-        c = concordance_index_censored(event[test], times[test], risk[test])[0]
-        per_fold.append(c)
-        cuts_per_fold.append(cuts.tolist())
-        losses.append(history)
-        log(f"fold {k + 1}/{folds}: c-index {c:.3f} on {test.size} patients ({int(event[test].sum())} events); "
-            f"train loss {history[0]:.3f} → {history[-1]:.3f} ({time.perf_counter() - t0:.1f} s)")
-    out_dir = Path(out_dir)
-    write_csv(out_dir / "predictions.csv", pd.DataFrame({"submitter_id": cohort.ids, "fold": fold_of, "risk": risk,
-                                                        "time": times, "event": event, "bin": label}),
-              float_format="%.6g")
-    mean, std = summary_stats(per_fold)
-    results = {"task": "survival", "method": method, "modalities": cohort.inputs.label, "split": split,
-               "checkpoint": str(cohort.ckpt.step_dir), "step": cohort.ckpt.step, "patients": len(cohort.records),
-               "events": int(event.sum()), "folds": folds, "folds_column": folds_column, "bins": bins,
-               "bins_fit": bins_fit, "bin_scheme": "km_quantiles", "time_column": time_column,
-               "censorship_column": censorship_column, "c_index_per_fold": per_fold, "c_index_mean": mean,
-               "c_index_std": std, "time_cuts": cuts_per_fold, "train_loss_per_epoch": losses,
-               "settings": {**dataclasses.asdict(s), "num_patches": num_patches}}
-    write_json(out_dir / "results.json", results)
-    log(f"c-index {mean:.3f} ± {std:.3f} over {folds} folds; wrote {out_dir / 'predictions.csv'} and results.json")
-    return results
+    task = SurvivalTask(folds=folds, bins=bins, bins_fit=bins_fit, folds_column=folds_column,
+                        time_column=time_column, censorship_column=censorship_column)
+    return run_task(task, checkpoint, dataset, out_dir, settings=settings or FinetuneConfig(),
+                    modalities=modalities, split=split, log=log)

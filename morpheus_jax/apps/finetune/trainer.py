@@ -3,9 +3,9 @@ warm-up + cosine factor (§3), the engine's update step (`make_head_step`), and 
 the fine-tuned weights per fold or draw in the pretraining checkpoint store, which
 `morpheus export` turns into the authors' fine-tuning layout (``final_layer.1.*``).
 
-Settings default to §3's fine-tuning values: AdamW lr 5e-5, weight decay 1e-2, dropout 0.35,
-20 epochs, batch 32, warm-up 5 epochs, cosine period 25 epochs (survival). The authors'
-classification scripts differ (§4, `PROTOCOLS`): few-shot 5 epochs at batch 1, full-data 5
+Settings (`core.config.FinetuneConfig`) default to §3's fine-tuning values: AdamW lr 5e-5,
+weight decay 1e-2, dropout 0.35, 20 epochs, batch 32, warm-up 5 epochs, cosine period 25
+epochs (survival). The authors' classification scripts differ (§4, `PROTOCOLS`): few-shot 5 epochs at batch 1, full-data 5
 epochs at batch 32, both at a constant learning rate.
 """
 
@@ -24,10 +24,10 @@ from morpheus_jax.apps.downstream import Inputs, iter_batches
 from morpheus_jax.apps.finetune.protocol import TrainSampler
 from morpheus_jax.ckpt.checkpoint import Checkpoint
 from morpheus_jax.ckpt.store import Checkpointer, checkpoint_dir
-from morpheus_jax.core.config import TrainConfig
+from morpheus_jax.core.config import FinetuneConfig, load_finetune_config, validate_finetune
 from morpheus_jax.core.errors import DownstreamError, OutputExists
 from morpheus_jax.core.manifest import Manifest
-from morpheus_jax.core.spec import ModelSpec
+from morpheus_jax.core.spec import HeadSpec, ModelSpec
 from morpheus_jax.engine import state as st
 from morpheus_jax.engine.step import make_head_step
 from morpheus_jax.engine.trainer import Trainer
@@ -38,43 +38,7 @@ from morpheus_jax.model.params import ParamCodec
 TaskLoss = Callable[[jax.Array, dict], jax.Array]
 
 
-@dataclasses.dataclass
-class FinetuneSettings:
-    epochs: int = 20
-    batch_size: int = 32
-    learning_rate: float = 5e-5
-    weight_decay: float = 1e-2
-    dropout: float = 0.35
-    warmup_epochs: int = 5
-    cosine_period_epochs: int = 25
-    num_patches: int | None = None          # None: the pretraining config's data.num_patches
-    eval_batch_size: int | None = None      # None: the pretraining config's data.eval_batch_size
-    seed: int = 1999
-    pretrained: bool = True                 # False: the same model from random weights
-    schedule: str = "paper"                 # "paper" (per-epoch warm-up + cosine) or "constant"
-    grad_accum_steps: int = 1               # micro-batches per update (batch_size is the update's)
-
-    def check(self) -> None:
-        flags = {"epochs": "--epochs", "batch_size": "--batch-size", "grad_accum_steps": "--grad-accum-steps",
-                 "warmup_epochs": "--warmup-epochs",
-                 "cosine_period_epochs": "--cosine-period", "num_patches": "--num-patches",
-                 "eval_batch_size": "--eval-batch-size"}
-        for name, flag in flags.items():
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise DownstreamError(f"{flag} must be at least 1, got {value}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise DownstreamError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if self.learning_rate <= 0:
-            raise DownstreamError(f"--lr must be positive, got {self.learning_rate}")
-        if self.batch_size % self.grad_accum_steps:
-            raise DownstreamError(f"--batch-size {self.batch_size} must be a multiple of --grad-accum-steps "
-                                  f"{self.grad_accum_steps}")
-        if self.schedule not in ("paper", "constant"):
-            raise DownstreamError(f"--schedule must be paper or constant, got {self.schedule!r}")
-
-
-# The authors' settings per protocol (MORPHEUS.md §4); the rest are FinetuneSettings' defaults.
+# The authors' settings per protocol (MORPHEUS.md §4); the rest are FinetuneConfig's defaults.
 PROTOCOLS = {
     "survival": {"epochs": 20, "batch_size": 32, "schedule": "paper"},
     "few-shot": {"epochs": 5, "batch_size": 1, "schedule": "constant"},
@@ -82,19 +46,19 @@ PROTOCOLS = {
 }
 
 
-def protocol_settings(protocol: str, **given) -> FinetuneSettings:
-    """`FinetuneSettings` of a protocol: the values ``given`` (None = not given), else the
-    protocol's, else the defaults."""
+def protocol_settings(protocol: str, overrides: list[str] = (), **given) -> FinetuneConfig:
+    """`FinetuneConfig` of a protocol: the ``finetune.<key>=value`` overrides, else the values
+    ``given`` (the flags; None = not given), else the protocol's, else the defaults."""
     values = {**PROTOCOLS[protocol], **{k: v for k, v in given.items() if v is not None}}
-    return FinetuneSettings(**values)
+    return load_finetune_config(values, overrides)
 
 
 class Finetuner:
     """Trains and applies `MorpheusFinetune` for one checkpoint, input set and task."""
 
     def __init__(self, ckpt: Checkpoint, inputs: Inputs, n_outputs: int, task_loss: TaskLoss,
-                 settings: FinetuneSettings, root: Path, manifest: Manifest, head: dict | None = None):
-        settings.check()
+                 settings: FinetuneConfig, root: Path, manifest: Manifest, head: HeadSpec | None = None):
+        validate_finetune(settings)
         self.s, self.inputs, self.n_outputs, self.root = settings, inputs, n_outputs, Path(root)
         self.cfg = finetune_config(ckpt.config.model, inputs.omics, settings.dropout)
         self.layouts = {m: ckpt.layouts[m] for m in inputs.omics}
@@ -109,10 +73,7 @@ class Finetuner:
         self.min_bag = data.eval_bag_bucket
         self.sampler = TrainSampler(root, manifest, inputs, self.num_patches, settings.seed)
         self.task_loss = task_loss
-        self.train_config = TrainConfig(
-            learning_rate=settings.learning_rate, weight_decay=settings.weight_decay, b1=0.9, b2=0.999,
-            schedule=settings.schedule, warmup_epochs=settings.warmup_epochs,
-            cosine_period_epochs=settings.cosine_period_epochs)
+        self.train_config = settings.train_config()
         run_cfg = dataclasses.replace(ckpt.config, model=self.cfg, seed=settings.seed)
         self.spec = dataclasses.replace(ModelSpec.build(run_cfg, ckpt.groups, ckpt.features), head=head)
         self._steps: dict[int, tuple] = {}      # steps per epoch → (optimizer, compiled step)
@@ -160,10 +121,11 @@ class Finetuner:
                 yield batch
 
     def fit(self, records: list[dict], targets: dict[str, np.ndarray], run: int,
-            save_to: Path | None = None) -> tuple[dict, list[float]]:
+            save_to: Path | None = None, head: HeadSpec | None = None) -> tuple[dict, list[float]]:
         """Train from `init_params(run)` on ``records`` (targets: ``{name: [n]}`` the task loss
         reads from the batch); returns the parameters and the mean training loss per epoch.
-        ``save_to``: a run folder that receives the fine-tuned checkpoint (``checkpoints/<step>``)."""
+        ``save_to``: a run folder that receives the fine-tuned checkpoint (``checkpoints/<step>``),
+        its spec holding ``head`` (default: the one given at construction)."""
         n, k = len(records), self.s.grad_accum_steps
         b = min(self.s.batch_size, -(-n // k) * k)         # a multiple of the micro-batches
         spe = math.ceil(n / b)
@@ -171,7 +133,8 @@ class Finetuner:
         state = st.init_state(self.init_params(run), tx, self.s.seed)
         state["rng"] = jax.random.key_data(jax.random.fold_in(jax.random.key(self.s.seed), run))
         losses: list[float] = []
-        saver = None if save_to is None else self._saver(Path(save_to))
+        spec = self.spec if head is None else dataclasses.replace(self.spec, head=head)
+        saver = None if save_to is None else self._saver(Path(save_to), spec)
         total = self.s.epochs * spe
         trainer = Trainer(step, total, b, log_every=1, on_row=lambda row: losses.append(row["loss"]),
                           save=None if saver is None else lambda s, state, _: s == total and saver(s, state),
@@ -183,7 +146,7 @@ class Finetuner:
         history = [float(np.mean(losses[e * spe: (e + 1) * spe])) for e in range(self.s.epochs)]
         return result.state["params"], history
 
-    def _saver(self, run_dir: Path):
+    def _saver(self, run_dir: Path, spec: ModelSpec):
         """``save(step, state)`` writing the fine-tuned parameters (no optimizer state: a
         fine-tuning run is not resumed) into ``run_dir/checkpoints``; only the finished run is saved."""
         directory = checkpoint_dir(run_dir)
@@ -193,10 +156,11 @@ class Finetuner:
         def save(step: int, state: dict) -> None:
             store = Checkpointer(directory, keep=1, async_save=False)
             try:
-                store.save(step, {"step": state["step"], "params": state["params"]}, None, self.spec)
+                store.save(step, {"step": state["step"], "params": state["params"]}, None, spec)
             finally:
                 store.close()
         return save
+
     def _apply(self, fn, params, records: list[dict], width: int) -> np.ndarray:
         out = np.zeros((len(records), width), np.float32)
         for b in iter_batches(self.root, records, self.inputs, batch_size=self.eval_batch, min_bag=self.min_bag):
