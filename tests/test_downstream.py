@@ -68,7 +68,7 @@ def test_every_nested_flag_has_help():
             for opt in action.option_strings:
                 assert opt in text
     assert names == ["embed", "generate", "evaluate", "evaluate reconstruction", "finetune", "finetune survival",
-                     "finetune classify"]
+                     "finetune classify", "finetune regress"]
 
 
 # -- input checks ----------------------------------------------------------------------------------

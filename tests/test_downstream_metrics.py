@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from morpheus_jax.metrics import classification as cls
+from morpheus_jax.metrics import regression as reg
 from morpheus_jax.metrics import survival as surv
 
 
@@ -165,3 +166,20 @@ def test_balanced_accuracy_matches_scikit_learn(seed):
     assert abs(cls.balanced_accuracy(y, pred) - metrics.balanced_accuracy_score(y, pred)) < 1e-6
     labels = np.array(["a", "b", "b", "c"])
     assert cls.balanced_accuracy(labels, labels) == 1.0
+
+
+@pytest.mark.parametrize("seed,n", [(0, 2), (1, 17), (2, 500)])
+def test_regression_metrics_match_scipy_and_scikit_learn(seed, n):
+    metrics = pytest.importorskip("sklearn.metrics")
+    from scipy.stats import pearsonr
+
+    rng = np.random.default_rng(seed)
+    y = rng.normal(50, 20, n)
+    pred = 0.6 * y + rng.normal(0, 15, n)
+    assert reg.pearson_r(y, pred) == pytest.approx(pearsonr(y, pred)[0], abs=1e-12)
+    assert reg.mean_absolute_error(y, pred) == pytest.approx(metrics.mean_absolute_error(y, pred), rel=1e-12)
+    assert reg.r2_score(y, pred) == pytest.approx(metrics.r2_score(y, pred), rel=1e-12, abs=1e-12)
+    assert np.isnan(reg.pearson_r(y, np.ones(n))) and np.isnan(reg.r2_score(np.ones(n), pred))
+    np.testing.assert_allclose(np.asarray(reg.squared_error(pred, y)), (pred - y) ** 2, rtol=1e-4, atol=1e-3)  # float32
+    with pytest.raises(ValueError, match="differ in length"):
+        reg.pearson_r(y, pred[:-1])

@@ -1,4 +1,4 @@
-"""`morpheus embed`, `generate`, `evaluate reconstruction`, `finetune survival|classify`: thin
+"""`morpheus embed`, `generate`, `evaluate reconstruction`, `finetune survival|classify|regress`: thin
 shells over `morpheus_jax.apps.downstream` and `morpheus_jax.apps.finetune`.
 
 The main parser adds them with ``register(subparsers)``.
@@ -62,6 +62,12 @@ def cmd_classify(args) -> int:
     return _done(run_classify(
         args.checkpoint, args.dataset, args.out, task=args.task, modalities=args.modalities, split=args.split,
         k=args.k, draws=args.draws, full=args.full, folds=args.folds, method=method, settings=settings))
+
+
+def cmd_regress(args) -> int:
+    from morpheus_jax.apps.finetune.regress import run_regress  # lazy: start-up time
+    return _done(run_regress(args.checkpoint, args.dataset, args.out, task=args.task, modalities=args.modalities,
+                             split=args.split, folds=args.folds, settings=_settings(args, "survival")))
 
 
 def _common(s, *, modalities: bool = True, split: str = "all", batch_size: bool = False) -> None:
@@ -168,13 +174,14 @@ def register(subparsers) -> None:
     r.set_defaults(fn=cmd_reconstruction)
 
     s = subparsers.add_parser(
-        "finetune", help="fine-tune the encoder on a task (finetune survival | classify)",
+        "finetune", help="fine-tune the encoder on a task (finetune survival | classify | regress)",
         description="Fine-tune the pretrained encoder + a Dropout → Linear head on the global token, with the "
                     "paper's settings by default (AdamW lr 5e-5, wd 1e-2, dropout 0.35, 20 epochs, batch 32, "
-                    "warm-up 5, cosine period 25). `morpheus finetune survival --help` / `classify --help`; "
-                    "settings also as finetune.<key>=value overrides.")
+                    "warm-up 5, cosine period 25). `morpheus finetune survival --help` / `classify --help` / "
+                    "`regress --help`; settings also as finetune.<key>=value overrides.")
     ft = s.add_subparsers(dest="task_kind", metavar="TASK", required=True,
-                          help="survival (c-index by k-fold CV) or classify (few-shot or full-data)")
+                          help="survival (c-index by k-fold CV), classify (few-shot or full-data) or regress "
+                               "(a continuous column, k-fold CV)")
     v = ft.add_parser(
         "survival", help="discrete-time survival (logistic hazard), k-fold cross-validated c-index",
         description="The authors' discrete-time labels (pycox LabTransDiscreteTime(--bins, scheme='quantiles'): "
@@ -211,3 +218,14 @@ def register(subparsers) -> None:
     c.add_argument("--linear-probe", action="store_true",
                    help="baseline: frozen pretrained encoder, logistic regression on the embeddings")
     c.set_defaults(fn=cmd_classify)
+
+    g = ft.add_parser(
+        "regress", help="a continuous metadata column (MSE), k-fold cross-validated Pearson r, MAE and R²",
+        description="Regress a numeric metadata column: one output trained with MSE on the target standardised "
+                    "by its training fold's mean and std (prediction = output · std + mean, both in the head spec); "
+                    "per held-out fold Pearson r, MAE and R². Writes predictions.csv (submitter_id, fold, target, "
+                    "prediction) and results.json (pearson_r_per_fold, mae_per_fold, r2_per_fold and their means "
+                    "and stds). Settings default to survival's (20 epochs, batch 32, paper schedule).")
+    _finetune_flags(g)
+    g.add_argument("--task", required=True, help="numeric metadata column to predict, e.g. age_at_diagnosis")
+    g.set_defaults(fn=cmd_regress)

@@ -77,3 +77,19 @@ def few_shot_draw(values, k: int, draw: int, seed: int) -> tuple[np.ndarray, np.
             n=k, random_state=seed + draw).index
     train = np.sort(np.asarray(chosen, np.int64))
     return train, np.setdiff1d(np.arange(len(frame)), train)
+
+
+def kfold(n: int, k: int, seed: int) -> np.ndarray:
+    """``[n]`` fold of each sample in ``0 … k-1``: scikit-learn's ``KFold(k, shuffle=True,
+    random_state=seed)`` (a continuous label has no strata), fold ``i`` = the test part of its
+    ``i``-th split."""
+    from sklearn.model_selection import KFold  # lazy: start-up time
+
+    if k < 2:
+        raise DownstreamError(f"--folds must be at least 2, got {k}")
+    if n < 2 * k:
+        raise DownstreamError(f"{n} patients are too few for {k} folds (each fold needs 2 to correlate)")
+    folds = np.empty(n, np.int64)
+    for i, (_, test) in enumerate(KFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(n))):
+        folds[test] = i
+    return folds
