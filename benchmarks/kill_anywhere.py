@@ -66,7 +66,7 @@ def _wait_for(moment: str, proc: subprocess.Popen, run_dir: Path, rng: random.Ra
     size0 = metrics.stat().st_size if metrics.exists() else 0
     rows0 = _rows(metrics)
     while proc.poll() is None and time.time() - start < limit:
-        if moment == "checkpoint" and ckpts.is_dir() and any("tmp" in p.name for p in ckpts.iterdir()):
+        if moment == "checkpoint" and _writing(ckpts, start):
             time.sleep(rng.uniform(0.0, 0.02))
             return "during a checkpoint write"
         if moment == "append" and metrics.exists() and metrics.stat().st_size != size0:
@@ -77,6 +77,18 @@ def _wait_for(moment: str, proc: subprocess.Popen, run_dir: Path, rng: random.Ra
             return "during training"
         time.sleep(0.002)
     return "timed out waiting"
+
+
+def _writing(ckpts: Path, since: float) -> bool:
+    """Whether a checkpoint write of this session is under way (a temporary folder made after
+    ``since``; a killed session's leftover is older)."""
+    try:
+        for p in ckpts.iterdir():
+            if "tmp" in p.name and p.stat().st_mtime >= since:
+                return True
+    except OSError:           # the folder or an entry vanished while listed (a save finishing)
+        pass
+    return False
 
 
 def kill_and_resume(command: list[str], run_dir: Path, logs: Path, *, kills: int, seed: int,

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from morpheus_jax.ckpt.checkpoint import read_checkpoint
-from morpheus_jax.core.config import Config
+from morpheus_jax.core.config import Config, model_modalities
 from morpheus_jax.core.errors import InputError
 from morpheus_jax.core.spec import GroupLayout
 from morpheus_jax.model.heads import HEAD
@@ -54,7 +54,7 @@ class MorpheusModel:
                  feature_names: Mapping[str, list[str]] | None = None, step: int = 0):
         self.config = config
         self.step = step
-        self.layouts = {m: layouts[m] for m in config.model.modalities}
+        self.layouts = {m: layouts[m] for m in model_modalities(config.model, layouts)}
         self.modalities = tuple(self.layouts)
         self.group_names = {m: list(lay.group_names) for m, lay in self.layouts.items()}
         self.group_sizes = {m: list(lay.sizes) for m, lay in self.layouts.items()}

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from test_export import named_setup, random_params, run_cli, save_checkpoint
+from conftest import named_setup, random_params, run_cli, save_checkpoint
 
 from morpheus_jax import api
 from morpheus_jax.core.errors import CheckpointNotFound

@@ -57,6 +57,25 @@ def test_saved_config_round_trips(tmp_path):
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["steps"] == 11
 
 
-def test_every_config_file_loads():
-    for path in sorted(CONFIG_DIR.glob("*.yaml")):
-        load_config(path)
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and k != "rules":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def test_every_config_file_loads_with_its_values_and_round_trips(tmp_path):
+    paths = sorted(CONFIG_DIR.glob("*.yaml"))
+    assert {p.stem for p in paths} >= {"demo", "paper"}
+    for path in paths:
+        cfg = load_config(path)
+        for key, value in _flat(yaml.safe_load(path.read_text())).items():
+            obj = cfg
+            for part in key.split("."):
+                obj = getattr(obj, part)
+            assert obj == pytest.approx(value) if isinstance(value, float) else obj == value, (path.name, key)
+        save_config(cfg, tmp_path / path.name)
+        assert load_config(tmp_path / path.name) == cfg, path.name

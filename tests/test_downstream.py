@@ -7,37 +7,24 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import synth_dataset
+from conftest import FINETUNE_FAST, TINY_DIM
 
 import morpheus_jax
 from morpheus_jax.apps import downstream as ds
 from morpheus_jax.apps.finetune.protocol import few_shot_draw, stratified_folds
 from morpheus_jax.apps.finetune.trainer import Finetuner
-from morpheus_jax.apps.pretrain import pretrain
 from morpheus_jax.ckpt.checkpoint import read_checkpoint
 from morpheus_jax.cli.main import build_parser
 from morpheus_jax.cli.main import main as cli_main
-from morpheus_jax.core.config import FinetuneConfig, load_config
+from morpheus_jax.core.config import FinetuneConfig
 from morpheus_jax.metrics import survival as surv
 
-DIM = 32
-FAST = ["--epochs", "6", "--lr", "2e-3", "--batch-size", "16", "--warmup-epochs", "1", "--cosine-period", "8"]
+DIM = TINY_DIM
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """(run folder, dataset folder, scratch folder): 160 synthetic patients, 120 pretraining steps."""
-    root = tmp_path_factory.mktemp("downstream")
-    synth_dataset(root, patients=160, seed=3, dim=DIM)
-    cfg = load_config(None, [
-        f"data.dir={root / 'ds'}", "data.raw_dir=null", f"run_dir={root / 'run'}", "data.num_patches=32",
-        f"model.wsi_dim={DIM}", "model.hidden_size=32", "model.num_prototypes=4", "model.group_hidden=32",
-        "model.encoder_heads=4", "model.decoder_heads=4", "model.encoder_mlp_dim=64", "model.decoder_mlp_dim=64",
-        "train.steps=120", "train.global_batch_size=16", "train.learning_rate=3e-3", "train.warmup_steps=10",
-        "train.log_every=20", "train.eval_every=0", "checkpoint.every=1000", "data.eval_bag_bucket=512",
-        "data.eval_batch_size=16", "mesh.data=1"])
-    pretrain(cfg, progress=False)
-    return root / "run", root / "ds", root
+@pytest.fixture
+def setup(pretrained_cohort):
+    return pretrained_cohort
 
 
 def run(*argv):
@@ -349,7 +336,7 @@ def test_finetune_survival_pretrained_vs_scratch(setup, tmp_path):
     for name, extra in (("pre", []), ("scratch", ["--no-pretrain"])):
         out = tmp_path / name
         assert run("finetune", "survival", "--checkpoint", run_dir, "--dataset", data, "--modalities", "wsi",
-                   "--folds", "3", *FAST, *extra, "--out", out) == 0
+                   "--folds", "3", *FINETUNE_FAST, *extra, "--out", out) == 0
         pred = pd.read_csv(out / "predictions.csv")
         assert list(pred.columns) == ["submitter_id", "fold", "risk", "time", "event", "bin"]
         assert sorted(pred["fold"].unique()) == [0, 1, 2] and set(pred["event"]) == {0, 1}
@@ -367,8 +354,18 @@ def test_finetune_survival_pretrained_vs_scratch(setup, tmp_path):
         results[name] = (pred, res)
     pre, scratch = results["pre"], results["scratch"]
     assert pre[0]["fold"].tolist() == scratch[0]["fold"].tolist()           # same folds
+    assert pre[0][["submitter_id", "time", "event", "bin"]].equals(scratch[0][["submitter_id", "time", "event", "bin"]])
     assert pre[1]["method"] == "finetune" and scratch[1]["method"] == "no_pretrain"
-    print("c-index pretrained", pre[1]["c_index_mean"], "no-pretrain", scratch[1]["c_index_mean"])
+    # Each fold's c-index is scikit-survival's on the written predictions (rounded to 6 digits
+    # in the CSV), and the two runs differ: the pretrained weights reached the head.
+    sksurv_metrics = pytest.importorskip("sksurv.metrics")
+    for pred, res in (pre, scratch):
+        for k in range(3):
+            fold = pred[pred["fold"] == k]
+            want = sksurv_metrics.concordance_index_censored(fold["event"].astype(bool).to_numpy(),
+                                                             fold["time"].to_numpy(), fold["risk"].to_numpy())[0]
+            assert res["c_index_per_fold"][k] == pytest.approx(want, abs=2e-3)
+    assert not np.allclose(pre[0]["risk"], scratch[0]["risk"])
     _check_fine_tuned_exports(tmp_path / "pre", data, pre[0], tmp_path)
 
 
@@ -446,7 +443,7 @@ def test_fit_is_deterministic(setup):
 
 def test_finetune_classify(setup, tmp_path):
     run_dir, data, _ = setup
-    base = ["finetune", "classify", "--checkpoint", run_dir, "--dataset", data, *FAST]
+    base = ["finetune", "classify", "--checkpoint", run_dir, "--dataset", data, *FINETUNE_FAST]
     assert run(*base, "--task", "IDH", "--k", "4", "--draws", "2", "--modalities", "wsi,dnam",
                "--out", tmp_path / "few") == 0
     res = json.loads((tmp_path / "few" / "results.json").read_text())

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_layouts, tiny_model_config
+from conftest import named_setup, random_params, run_cli, save_checkpoint
 
 from morpheus_jax.apps.export import export_checkpoint, import_weights
 from morpheus_jax.ckpt import torch_files as files
 from morpheus_jax.ckpt import torch_layout
 from morpheus_jax.ckpt.checkpoint import read_checkpoint, resolve_step_dir, write_checkpoint
-from morpheus_jax.cli.main import main as cli_main
 from morpheus_jax.core.config import Config
 from morpheus_jax.core.errors import ExportError
 from morpheus_jax.core.spec import GroupLayout, ModelSpec
@@ -26,65 +25,8 @@ TORCH_KWARGS = ("hidden_size", "num_prototypes", "wsi_dim", "group_hidden", "enc
                 "decoder_dropout")
 
 
-# -- helpers shared with test_torch_parity.py and test_api.py -----------------------------------------
-
-def named_setup(seed=0, **model_kw):
-    """(config, groups {m: {g: [names]}}, features {m: [names]}, layouts) from conftest's tiny layouts;
-    rna groups overlap and the canonical order is not the walk order."""
-    cfg = Config()
-    cfg.model = tiny_model_config(**model_kw)
-    base = make_layouts(seed, buckets=cfg.model.group_buckets)
-    groups = {m: {n: [f"{m}_f{i}" for i in idx] for n, idx in zip(lay.group_names, lay.feature_index)}
-              for m, lay in base.items()}
-    features = {m: [f"{m}_f{i}" for i in range(lay.num_features)] for m, lay in base.items()}
-    layouts = {m: GroupLayout.from_mapping(groups[m], features[m], cfg.model.group_buckets) for m in base}
-    assert layouts == base
-    return cfg, groups, features, layouts
-
-
-def random_params(cfg, layouts, seed=0, with_decoders=True):
-    """Non-trivial values everywhere (LayerNorm weights/biases, tokens, prototypes); padding stays zero."""
-    model = init_model(cfg.model, layouts, seed, with_decoders=with_decoders)
-    flat = {k: np.asarray(v) for k, v in ParamCodec(model).flatten(model).items()}
-    rng = np.random.default_rng(seed + 100)
-    out = {}
-    for k, v in flat.items():
-        noise = rng.normal(size=v.shape).astype(np.float32) * 0.3
-        if k.endswith(".weight") and v.ndim == 1:
-            out[k] = 1.0 + noise
-        elif np.all(v == 0):
-            out[k] = noise
-        else:
-            out[k] = v + 0.3 * noise * (v != 0)
-        out[k] = out[k].astype(np.float32)
-    return out
-
-
-def save_checkpoint(run_dir, cfg, groups, features, params, step=7, optimizer=True):
-    """``run_dir/checkpoints/<step>``: as training writes it (state with AdamW state and RNG, spec;
-    no data item), or with ``optimizer=False`` as import writes it (step and parameters)."""
-    import jax.numpy as jnp
-    import optax
-
-    from morpheus_jax.ckpt.store import Checkpointer
-    from morpheus_jax.engine.state import init_state
-
-    if not optimizer:
-        return write_checkpoint(Path(run_dir) / "checkpoints", step, params, ModelSpec.build(cfg, groups, features))
-    state = init_state({k: jnp.asarray(v) for k, v in params.items()}, optax.adamw(1e-3), 0)
-    state["step"] = jnp.asarray(step, jnp.int32)
-    ckpt = Checkpointer(Path(run_dir) / "checkpoints", keep=2, async_save=False)
-    ckpt.save(step, state, None, ModelSpec.build(cfg, groups, features))
-    ckpt.close()
-    return Path(run_dir) / "checkpoints" / str(step)
-
-
 def torch_kwargs(cfg):
     return {k: getattr(cfg.model, k) for k in TORCH_KWARGS}
-
-
-def run_cli(argv):
-    return cli_main([str(a) for a in argv])
 
 
 @pytest.fixture(scope="module")

@@ -280,6 +280,7 @@ def _wait_for_rows(metrics, n, proc, timeout=300):
     raise AssertionError(f"no {n} metrics rows: {proc.poll()}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["SIGTERM to the process group", "SIGINT twice to the process group"])
 def test_a_stopped_run_with_worker_processes_leaves_nothing_behind(tiny_dataset, tmp_path, how):
     """A scheduler's SIGTERM or a terminal's Ctrl-C (twice) reach the Grain workers too: the run
@@ -328,6 +329,7 @@ def _group_left(pgid: int, wait: float = 5.0) -> str:
     return ps.stdout
 
 
+@pytest.mark.slow
 def test_three_kills_at_bad_moments_resume_to_the_uninterrupted_losses(tiny_dataset, tmp_path):
     """The CI version of ``benchmarks/kill_anywhere.py``: SIGKILL during a checkpoint write,
     just after a metrics append and during start-up, a rerun after each; the run then ends

@@ -270,9 +270,11 @@ print(json.dumps({"growth_kib": status("VmHWM:") - base}))
 """
 
 
+@pytest.mark.slow
 def test_prepare_peak_memory_does_not_grow_with_cohort(tmp_path):
     """Paper-sized omics (~18k features per patient): loading the CSVs whole would raise the
-    peak by ≥ 58 MB (float64 values alone) between these cohorts; streaming keeps it flat."""
+    peak by their float64 values between these cohorts (measured from the CSVs' columns);
+    streaming keeps the growth under 40 % of that."""
     fixture = Path(__file__).parent.parent / "morpheus_jax" / "configs" / "paper_group_sizes.json"
     peaks = {}
     for n in (40, 400):
@@ -281,10 +283,11 @@ def test_prepare_peak_memory_does_not_grow_with_cohort(tmp_path):
         res = subprocess.run([sys.executable, "-c", _PREPARE_SCRIPT, str(raw), str(out)],
                              capture_output=True, text=True, check=True)
         peaks[n] = json.loads(res.stdout.strip().splitlines()[-1])["growth_kib"] / 1024
-    csv_mb = sum((tmp_path / "raw400" / "omics" / f"{m}.csv").stat().st_size for m in ("rna", "dnam", "cnv")) / 2**20
-    assert csv_mb > 40
-    print(peaks, csv_mb)
-    assert peaks[400] - peaks[40] < 25, (peaks, csv_mb)
+    omics = [tmp_path / "raw400" / "omics" / f"{m}.csv" for m in ("rna", "dnam", "cnv")]
+    columns = sum(len(f.open().readline().split(",")) - 1 for f in omics)
+    whole_mb = (400 - 40) * columns * 8 / 2**20     # what reading the CSVs whole adds (float64 values alone)
+    assert whole_mb > 40, whole_mb
+    assert peaks[400] - peaks[40] < 0.4 * whole_mb, (peaks, whole_mb)
 
 
 # -- the output folder: nothing the user owns is ever deleted ------------------------------------------

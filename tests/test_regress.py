@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 from scipy.stats import pearsonr
 from sklearn.metrics import mean_absolute_error, r2_score
-from test_downstream import FAST, run, setup  # noqa: F401 (the module's pretrained checkpoint)
+from conftest import FINETUNE_FAST as FAST
+from conftest import run_cli as run
 
 from morpheus_jax.apps import downstream as ds
 from morpheus_jax.apps.finetune.cohort import Cohort
@@ -18,7 +19,12 @@ from morpheus_jax.core.config import FinetuneConfig, load_finetune_config
 from morpheus_jax.core.errors import ConfigError, DownstreamError
 
 
-def test_finetune_regress(setup, tmp_path):  # noqa: F811
+@pytest.fixture
+def setup(pretrained_cohort):
+    return pretrained_cohort
+
+
+def test_finetune_regress(setup, tmp_path):
     run_dir, data, _ = setup
     out = tmp_path / "reg"
     assert run("finetune", "regress", "--checkpoint", run_dir, "--dataset", data, "--task", "survival_months",
@@ -73,7 +79,7 @@ def _check_regression_export(step_dir, fold, by_id, root, tmp_path):
     np.testing.assert_allclose(got, fold["prediction"].to_numpy(), rtol=1e-4, atol=1e-3)
 
 
-def test_regress_label_errors_are_one_line(setup, tmp_path, capsys):  # noqa: F811
+def test_regress_label_errors_are_one_line(setup, tmp_path, capsys):
     run_dir, data, _ = setup
     base = ["finetune", "regress", "--checkpoint", run_dir, "--dataset", data, "--out", tmp_path / "x"]
     for extra, message in ((["--task", "oncotree_code"], "column 'oncotree_code' must be numeric"),

@@ -10,7 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from test_export import named_setup, random_params, run_cli, save_checkpoint  # noqa: E402
+from conftest import named_setup, random_params, run_cli, save_checkpoint  # noqa: E402
 
 from morpheus_jax import api  # noqa: E402
 from morpheus_jax.torch import MorpheusProto, MorpheusProtoEncoder, from_export  # noqa: E402

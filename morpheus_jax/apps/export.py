@@ -18,9 +18,9 @@ from flax import nnx
 from morpheus_jax.ckpt import torch_files as files
 from morpheus_jax.ckpt import torch_layout
 from morpheus_jax.ckpt.checkpoint import read_checkpoint, write_checkpoint
-from morpheus_jax.core.config import Config, ModelConfig, from_dict, load_config, to_dict
+from morpheus_jax.core.config import Config, ModelConfig, from_dict, load_config, model_modalities, to_dict
 from morpheus_jax.core.errors import ExportError, OutputExists
-from morpheus_jax.core.names import MODALITIES
+from morpheus_jax.core.modality import ordered
 from morpheus_jax.core.spec import GroupLayout, HeadSpec, ModelSpec
 from morpheus_jax.data.prepare import canonical_features
 from morpheus_jax.model.heads import HEAD
@@ -28,9 +28,6 @@ from morpheus_jax.model.morpheus import init_model
 
 SIDECAR_FORMAT = "morpheus-jax/pytorch-export"
 SIDECAR_VERSION = 1
-# The model's order when neither a sidecar nor the caller says otherwise (the authors' order).
-DEFAULT_ORDER = MODALITIES
-
 
 
 # -- export ---------------------------------------------------------------------------------------
@@ -81,11 +78,12 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
                           "everywhere (reference §5), so the export would not reproduce this model's outputs")
     if modalities is not None and not encoder_only:
         raise ExportError("--modalities selects the tokenizers of an encoder-only export; add --encoder-only")
-    mods = list(cfg.model.modalities if modalities is None else modalities)
+    model_mods = model_modalities(cfg.model, ckpt.layouts)
+    mods = list(model_mods if modalities is None else modalities)
     unknown = [m for m in mods if m not in ckpt.layouts]
     if unknown:
         raise ExportError(f"modalities {unknown} are not in the checkpoint (it has {list(ckpt.layouts)})")
-    mods = [m for m in cfg.model.modalities if m in mods]   # model order
+    mods = [m for m in model_mods if m in mods]   # model order
     if not ckpt.decoders:
         encoder_only = True
     sd = torch_layout.to_torch(ckpt.params, ckpt.layouts, cfg.model, encoder_only=encoder_only, modalities=mods)
@@ -103,8 +101,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
 # -- import ---------------------------------------------------------------------------------------
 
 def _ordered(modalities) -> list[str]:
-    """rna, dnam, cnv first (the authors' order), then any other name as given."""
-    return [m for m in DEFAULT_ORDER if m in modalities] + [m for m in modalities if m not in DEFAULT_ORDER]
+    """The model's order when neither a sidecar nor the caller says otherwise: rna, dnam, cnv
+    first (the authors' order), then any other name as given."""
+    return ordered(modalities)
 
 
 def _groups_and_features(inferred: torch_layout.InferredModel, mappings: Mapping[str, Mapping[str, list[str]]],

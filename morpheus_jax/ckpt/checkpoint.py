@@ -19,7 +19,7 @@ import numpy as np
 
 from morpheus_jax.ckpt import legacy
 from morpheus_jax.ckpt.store import Checkpointer, check_step, read_spec, restore_params
-from morpheus_jax.core.config import Config, from_dict
+from morpheus_jax.core.config import Config, from_dict, model_modalities
 from morpheus_jax.core.errors import CheckpointNotFound, OutputExists
 from morpheus_jax.core.spec import BUCKETED_LAYOUT, CANONICAL_LAYOUT, GroupLayout, ModelSpec
 from morpheus_jax.model.params import has_decoders
@@ -75,7 +75,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     check_step(step_dir)
     spec = read_spec(step_dir)
     cfg = from_dict(spec.config)
-    layouts = spec.layouts(cfg.model.modalities, cfg.model.group_buckets)
+    layouts = spec.layouts(model_modalities(cfg.model, spec.groups), cfg.model.group_buckets)
     params = {k: np.asarray(v, np.float32) for k, v in restore_params(step_dir).items()}
     if spec.param_layout == BUCKETED_LAYOUT or legacy.is_bucketed(params):
         params = legacy.canonical_params(params, layouts)

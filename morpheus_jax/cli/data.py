@@ -36,11 +36,13 @@ def _synth_tcga_public(args) -> int:
 
 
 def cmd_prepare(args) -> int:
+    from morpheus_jax.core.modality import read_spec_file  # lazy: start-up time
     from morpheus_jax.data.prepare import PrepareOptions, RawCohort, prepare, summary  # lazy: start-up time
     opts = PrepareOptions(records_per_shard=args.records_per_shard, patch_dtype=args.patch_dtype, workers=args.workers,
                           chunk_rows=args.chunk_rows, wsi_dim=args.wsi_dim, seed=args.seed, strict=args.strict,
                           allow_missing_modalities=args.allow_missing_modalities, overwrite=args.overwrite,
-                          max_skipped=args.max_skipped, progress=not args.no_progress)
+                          max_skipped=args.max_skipped, progress=not args.no_progress,
+                          modality_specs=read_spec_file(args.modality_spec) if args.modality_spec else {})
     if args.raw:
         cohort = RawCohort.from_dir(args.raw)
     else:
@@ -100,8 +102,11 @@ def register(sub) -> None:
     s.add_argument("--raw", help="a raw cohort folder in the synth layout (replaces the four flags below)")
     s.add_argument("--metadata", help="metadata CSV (submitter_id, project_id, split, WSI, task columns)")
     s.add_argument("--features-dir", help="folder the WSI column's slide paths are relative to")
-    s.add_argument("--omics", nargs="+", metavar="M=CSV", help="omics CSVs, e.g. rna=rna.csv dnam=dnam.csv cnv=cnv.csv")
+    s.add_argument("--omics", nargs="+", metavar="M=CSV", help="omics CSVs by modality name, e.g. rna=rna.csv dnam=dnam.csv cnv=cnv.csv protein=rppa.csv")
     s.add_argument("--mapping", nargs="+", metavar="M=JSON", help="group mappings, e.g. rna=rna.json …")
+    s.add_argument("--modality-spec", metavar="FILE",
+                   help="YAML {modality: {fill, transform, min, max, value}} for modalities beyond rna, dnam, cnv "
+                        "(or to change theirs); transforms: identity, log10(cn/2+1), log2(x+1), log1p")
     s.add_argument("--out", required=True, help="output dataset folder")
     s.add_argument("--records-per-shard", type=int, default=128, help="patients per shard (default 128)")
     s.add_argument("--workers", type=int, default=1,

@@ -19,7 +19,7 @@ import yaml
 
 from morpheus_jax.core.atomic import write_text
 from morpheus_jax.core.errors import ConfigError
-from morpheus_jax.core.names import MODALITIES
+from morpheus_jax.core.modality import check_name
 
 # The shipped configs live inside the package (package data), so they resolve in a wheel too.
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -89,7 +89,9 @@ class ModelConfig:
     decoder_heads: int = 8
     decoder_mlp_dim: int = 256
     decoder_dropout: float = 0.0
-    modalities: list[str] = dataclasses.field(default_factory=lambda: list(MODALITIES))
+    # The omics the model encodes and decodes, in model order; null: the dataset's (its
+    # manifest order); []: a WSI-only encoder (fine-tuning).
+    modalities: list[str] | None = None
     # The step computes the per-group MLPs in this many buckets of similar group size (1 = one
     # stack padded to the largest group). A speed knob: checkpoints hold the canonical layout.
     group_buckets: int = 4
@@ -368,8 +370,11 @@ def validate(cfg: Config) -> None:
     if m.compute_dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"model.compute_dtype must be float32 or bfloat16, got {m.compute_dtype!r}")
     # Empty: a WSI-only encoder (fine-tuning); pretraining needs at least one (engine.run).
-    if set(m.modalities) - set(MODALITIES) or len(set(m.modalities)) != len(m.modalities):
-        raise ConfigError(f"model.modalities must be distinct names among {', '.join(MODALITIES)}, got {m.modalities}")
+    if m.modalities is not None:
+        for name in m.modalities:
+            check_name(name, "model.modalities")
+        if len(set(m.modalities)) != len(m.modalities):
+            raise ConfigError(f"model.modalities must be distinct names, got {m.modalities}")
     if cfg.train.global_batch_size < 1 or cfg.train.steps < 0:
         raise ConfigError("train.global_batch_size must be >= 1 and train.steps >= 0")
     if not 0.0 < cfg.data.train_fraction <= 1.0:
@@ -416,6 +421,18 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
 # Model settings that change how the step computes or how weights start, not the function or
 # what a checkpoint stores: a run may resume with other values.
 COMPUTE_ONLY = ("group_buckets", "remat", "prototype_init")
+
+
+def model_modalities(model: ModelConfig, available) -> list[str]:
+    """``model.modalities``, or (when null) the modalities ``available`` (a dataset's, a
+    checkpoint's, the layouts given), in their order."""
+    return list(available) if model.modalities is None else list(model.modalities)
+
+
+def with_modalities(cfg: Config, available) -> Config:
+    """``cfg`` with ``model.modalities`` resolved against ``available`` (what a run records)."""
+    model = dataclasses.replace(cfg.model, modalities=model_modalities(cfg.model, available))
+    return dataclasses.replace(cfg, model=model)
 
 
 def model_config_diff(a: ModelConfig, b: ModelConfig) -> list[str]:

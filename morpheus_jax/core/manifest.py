@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from morpheus_jax.core.errors import DatasetError
+from morpheus_jax.core.errors import ConfigError, DatasetError
+from morpheus_jax.core.modality import BUILTIN, DEFAULT, ModalitySpec
 from morpheus_jax.core.names import SPLITS
 from morpheus_jax.core.spec import GroupLayout
 
@@ -20,14 +21,22 @@ SCHEMA_VERSION = 1
 
 @dataclasses.dataclass(frozen=True)
 class ModalityInfo:
-    """One omics modality: its group mapping, canonical feature order and preprocessing."""
+    """One omics modality: its group mapping, canonical feature order and preprocessing (its
+    `ModalitySpec`; the manifest's ``modalities`` order is the model's)."""
 
     groups: dict[str, list[str]]
     features: list[str]
-    fill: float
-    transform: str
+    spec: ModalitySpec
     missing_filled: int
     dtype: str = "float32"
+
+    @property
+    def fill(self) -> float:
+        return self.spec.fill
+
+    @property
+    def transform(self) -> str:
+        return self.spec.transform
 
     @property
     def group_sizes(self) -> list[int]:
@@ -81,7 +90,7 @@ class Manifest:
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
         for m, info in self.modalities.items():   # written for readers of the file; derived on load
-            out["modalities"][m]["group_sizes"] = info.group_sizes
+            out["modalities"][m].update(group_sizes=info.group_sizes, fill=info.fill, transform=info.transform)
         return out
 
     @classmethod
@@ -147,9 +156,16 @@ def _modality(info, where: str) -> ModalityInfo:
     stray = [f for v in groups.values() for f in v if f not in known]
     if stray:
         raise _Bad(f"{where}.groups: features not in {where}.features: {stray[:3]}")
-    return ModalityInfo({str(g): list(v) for g, v in groups.items()}, list(features), info.get("fill", 0.0),
-                        str(info.get("transform", "")), int(info.get("missing_filled") or 0),
-                        str(info.get("dtype", "float32")))
+    name = where.rsplit(".", 1)[-1]
+    if "spec" in info:
+        try:
+            spec = ModalitySpec.from_json(info["spec"], f"{where}.spec")
+        except ConfigError as e:
+            raise _Bad(str(e)) from None
+    else:   # written before specs were recorded: the built-in rules of its time
+        spec = BUILTIN.get(name, DEFAULT)
+    return ModalityInfo({str(g): list(v) for g, v in groups.items()}, list(features), spec,
+                        int(info.get("missing_filled") or 0), str(info.get("dtype", "float32")))
 
 
 def _is_shard(s) -> bool:

@@ -217,8 +217,9 @@ class ModelSpec:
     @classmethod
     def build(cls, cfg: Config, groups, features) -> "ModelSpec":
         """Restricted to the config's modalities, in model order."""
+        mods = list(groups) if cfg.model.modalities is None else list(cfg.model.modalities)
         config = to_dict(cfg)
-        mods = list(cfg.model.modalities)
+        config["model"]["modalities"] = mods                 # a checkpoint records its modalities
         missing = [m for m in mods if m not in groups or m not in features]
         if missing:
             raise InputError(f"no group mapping or feature list for modalities {missing}")

@@ -37,15 +37,15 @@ import tensorstore as ts
 from tqdm.auto import tqdm
 
 from morpheus_jax.core.atomic import write_json
+from morpheus_jax.core import log
 from morpheus_jax.core.log import progress_off
-from morpheus_jax.core.errors import PrepareError
+from morpheus_jax.core.errors import ConfigError, PrepareError
 from morpheus_jax.core.manifest import SCHEMA_VERSION, Manifest, ModalityInfo, PatchInfo
-from morpheus_jax.core.names import MODALITIES, SPLITS
+from morpheus_jax.core.modality import ModalitySpec, check_name, ordered, spec_for
+from morpheus_jax.core.names import SPLITS
 from morpheus_jax.data import records as rec
 from morpheus_jax.data.raw import (
-    FILL,
     RESERVED,
-    TRANSFORM,
     OmicsTable,
     RawCohort,
     RowReader,
@@ -79,6 +79,7 @@ class PrepareOptions:
     overwrite: bool = False
     progress: bool = True
     max_skipped: float = 0.5           # the largest fraction of metadata rows that may be skipped
+    modality_specs: dict[str, ModalitySpec] = dataclasses.field(default_factory=dict)   # --modality-spec FILE
 
     def __post_init__(self):
         """Checked before anything is read or written; named by their ``prepare`` flags."""
@@ -434,17 +435,20 @@ def _prepare(cohort: RawCohort, out: Path, opts: PrepareOptions, t0: float) -> M
     if not cohort.omics:
         raise PrepareError("no omics CSV given (expected --omics rna=CSV dnam=CSV cnv=CSV)")
     for m in cohort.omics:
-        if m not in MODALITIES:
-            raise PrepareError(f"unknown modality {m!r} (expected one of {MODALITIES})")
+        try:
+            check_name(m, f"--omics {m}={cohort.omics[m]}")
+        except ConfigError as e:
+            raise PrepareError(str(e)) from None
         if m not in cohort.mappings:
             raise PrepareError(f"modality {m!r} has an omics CSV but no --mapping {m}=JSON")
     if not cohort.features_dir.is_dir():
         raise PrepareError(f"{cohort.features_dir}: features folder does not exist")
-    modalities = [m for m in MODALITIES if m in cohort.omics]
+    modalities = ordered(cohort.omics)
+    specs = _specs(modalities, opts)
     groups = {m: read_mapping(cohort.mappings[m]) for m in modalities}
     meta = read_metadata(cohort.metadata)
     scratch = out / SCRATCH
-    tables = {m: stream_omics(cohort.omics[m], m, groups[m], scratch / f"omics-{m}.f32") for m in modalities}
+    tables = {m: stream_omics(cohort.omics[m], specs[m], groups[m], scratch / f"omics-{m}.f32") for m in modalities}
     keep, skipped = _select(meta, tables, cohort.metadata, opts)
     _check_kept(meta, tables, keep, skipped, cohort.metadata, opts)
     meta_cols = [c for c in meta.columns if c not in RESERVED]
@@ -501,7 +505,7 @@ def _prepare(cohort: RawCohort, out: Path, opts: PrepareOptions, t0: float) -> M
 
     manifest = Manifest(
         counts=counts, skipped=skipped, created=time.strftime("%Y-%m-%dT%H:%M:%S"),
-        modalities={m: ModalityInfo(groups[m], tables[m].features, FILL[m], TRANSFORM[m], tables[m].missing_filled)
+        modalities={m: ModalityInfo(groups[m], tables[m].features, specs[m], tables[m].missing_filled)
                     for m in modalities},
         patches=PatchInfo(opts.wsi_dim, opts.patch_dtype, opts.chunk_rows, opts.seed,
                           int(sum(e["num_patches"] for e in entries.values()))),
@@ -514,6 +518,21 @@ def _prepare(cohort: RawCohort, out: Path, opts: PrepareOptions, t0: float) -> M
     write_json(out / rec.MANIFEST, manifest.to_json())
     shutil.rmtree(scratch, ignore_errors=True)
     return manifest
+
+
+def _specs(modalities: list[str], opts: PrepareOptions) -> dict[str, ModalitySpec]:
+    """Each modality's spec; a name with neither a built-in nor a given spec gets the
+    default, said in one line."""
+    stray = sorted(set(opts.modality_specs) - set(modalities))
+    if stray:
+        raise PrepareError(f"--modality-spec names {stray[0]!r}, which has no omics CSV (have {', '.join(modalities)})")
+    specs = {}
+    for m in modalities:
+        specs[m], default = spec_for(m, opts.modality_specs)
+        if default:
+            log.info(f"prepare: modality {m!r} has no built-in spec: values as given, finite where present, "
+                     "missing -> 0 (set fill, transform and range with --modality-spec FILE)")
+    return specs
 
 
 def summary(manifest: Manifest) -> str:

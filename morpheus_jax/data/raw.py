@@ -5,8 +5,10 @@ are streamed in row chunks into a float32 table on disk (`OmicsTable`), so memor
 grow with the cohort; slides are read one at a time.
 
 Transforms (recorded in the manifest): canonical feature order per modality (groups in
-mapping order, features in group order, first appearance kept); ``rna`` missing → 0 (the
-per-gene centre); ``dnam`` missing → 0; ``cnv`` missing → 2 then ``log10(cn / 2 + 1)``.
+mapping order, features in group order, first appearance kept); then the modality's
+`ModalitySpec` (`core.modality`): the paper's ``rna`` missing → 0 (the per-gene centre),
+``dnam`` betas in [0, 1], missing → 0, ``cnv`` copy numbers ≥ 0, missing → 2, then
+``log10(cn / 2 + 1)``; any other modality by its spec (default: as given, missing → 0).
 """
 
 from __future__ import annotations
@@ -26,11 +28,9 @@ import numpy as np
 import pandas as pd
 from pandas._libs.parsers import STR_NA_VALUES
 
-from morpheus_jax.core.errors import PrepareError
-from morpheus_jax.core.names import MODALITIES, SPLITS
-
-FILL = {"rna": 0.0, "dnam": 0.0, "cnv": 2.0}
-TRANSFORM = {"rna": "identity", "dnam": "identity", "cnv": "log10(cn/2+1)"}
+from morpheus_jax.core.errors import ConfigError, PrepareError
+from morpheus_jax.core.modality import BUILTIN, ModalitySpec, check_name, ordered
+from morpheus_jax.core.names import SPLITS
 RESERVED = {"submitter_id", "project_id", "split", "WSI"}
 # Rows parsed at a time: bounded in cells so wide CSVs (DNAm, ~10^5 columns) stay small.
 CSV_CHUNK_CELLS = 1 << 18
@@ -51,7 +51,15 @@ class RawCohort:
         if not (raw / "metadata.csv").exists():
             raise PrepareError(f"{raw / 'metadata.csv'}: missing (expected the raw layout: metadata.csv, "
                                "features/, omics/<m>.csv, mappings/<m>.json)")
-        omics = {m: raw / "omics" / f"{m}.csv" for m in MODALITIES if (raw / "omics" / f"{m}.csv").exists()}
+        found = sorted(p.name[:-len(".csv")] for p in (raw / "omics").glob("*.csv")) if (raw / "omics").is_dir() else []
+        # Every omics/<name>.csv with a mappings/<name>.json; the paper's three must have theirs.
+        names = [m for m in ordered(found) if m in BUILTIN or (raw / "mappings" / f"{m}.json").exists()]
+        for m in names:
+            try:
+                check_name(m, str(raw / "omics" / f"{m}.csv"))
+            except ConfigError as e:
+                raise PrepareError(str(e)) from None
+        omics = {m: raw / "omics" / f"{m}.csv" for m in names}
         mappings = {m: raw / "mappings" / f"{m}.json" for m in omics}
         return cls(raw / "metadata.csv", raw / "features", omics, mappings)
 
@@ -234,7 +242,7 @@ def as_numbers(column: pd.Series) -> tuple[pd.Series, int | None]:
     return values, int(bad[0]) if bad.size else None
 
 
-def _check_chunk(path: Path, modality: str, df: pd.DataFrame, features: list[str]) -> np.ndarray:
+def _check_chunk(path: Path, spec: ModalitySpec, df: pd.DataFrame, features: list[str]) -> np.ndarray:
     for col in df.columns:
         values, bad = as_numbers(df[col])
         if bad is not None:
@@ -245,21 +253,17 @@ def _check_chunk(path: Path, modality: str, df: pd.DataFrame, features: list[str
     if np.isinf(values).any():
         r, c = np.argwhere(np.isinf(values))[0]
         raise PrepareError(f"{path}: column {features[c]!r}: infinite value for submitter_id {df.index[r]!r}")
-    finite = values[~np.isnan(values)]
-    if modality == "dnam" and finite.size and (finite.min() < 0 or finite.max() > 1):
-        r, c = np.argwhere((values < 0) | (values > 1))[0]
-        raise PrepareError(f"{path}: column {features[c]!r}: beta value {values[r, c]:.4g} outside [0, 1] "
-                           f"for submitter_id {df.index[r]!r}")
-    if modality == "cnv" and finite.size and finite.min() < 0:
-        r, c = np.argwhere(values < 0)[0]
-        raise PrepareError(f"{path}: column {features[c]!r}: negative copy number {values[r, c]:.4g} "
+    outside = ~np.isnan(values) & ~spec.admits(values)
+    if outside.any():
+        r, c = np.argwhere(outside)[0]
+        raise PrepareError(f"{path}: column {features[c]!r}: {spec.problem(values[r, c])} "
                            f"for submitter_id {df.index[r]!r}")
     return values
 
 
-def stream_omics(path: Path, modality: str, groups: dict[str, list[str]], out: Path) -> OmicsTable:
-    """Validate one omics CSV chunk by chunk and write its mapping features (transformed,
-    canonical order) to ``out`` as float32 rows."""
+def stream_omics(path: Path, spec: ModalitySpec, groups: dict[str, list[str]], out: Path) -> OmicsTable:
+    """Validate one omics CSV chunk by chunk and write its mapping features (``spec``'s fill and
+    transform, canonical order) to ``out`` as float32 rows."""
     features = canonical_features(groups)
     try:
         header = pd.read_csv(path, nrows=1, index_col=0, compression=compression(path), encoding="utf-8-sig")
@@ -284,7 +288,7 @@ def stream_omics(path: Path, modality: str, groups: dict[str, list[str]], out: P
                                   compression=compression(path), encoding="utf-8-sig",
                                   keep_default_na=False, na_values={f: _NA_TOKENS for f in header.columns}):
                 df = df[features]
-                values = _check_chunk(path, modality, df, features)
+                values = _check_chunk(path, spec, df, features)
                 for sid in df.index:
                     if not str(sid).strip():
                         raise PrepareError(f"{path}: row {len(rows) + 2}: the submitter_id cell is empty")
@@ -293,9 +297,7 @@ def stream_omics(path: Path, modality: str, groups: dict[str, list[str]], out: P
                     rows[sid] = len(rows)
                 nan = np.isnan(values)
                 missing += int(nan.sum())
-                values = np.where(nan, FILL[modality], values)
-                if modality == "cnv":
-                    values = np.log10(values / 2.0 + 1.0)
+                values = spec.apply(values)
                 sink.write(np.ascontiguousarray(values, np.float32).tobytes())
     except pd.errors.ParserError as e:
         raise PrepareError(f"{path}: malformed CSV ({e})") from None

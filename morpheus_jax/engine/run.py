@@ -10,7 +10,7 @@ import jax
 
 from morpheus_jax.core import batch, log
 from morpheus_jax.core import sharding as shd
-from morpheus_jax.core.config import Config
+from morpheus_jax.core.config import Config, with_modalities
 from morpheus_jax.core.errors import ConfigError
 from morpheus_jax.core.manifest import Manifest
 from morpheus_jax.core.spec import GroupLayout, ModelSpec
@@ -116,10 +116,12 @@ def log_memory(compiled) -> None:
 
 def build_run(cfg: Config) -> Run:
     """The run of ``cfg`` on its prepared dataset (``data.dir``)."""
-    if not cfg.model.modalities:
-        raise ConfigError("model.modalities is empty: masked omics modelling needs at least one of rna, dnam, cnv")
     root = Path(cfg.data.dir)
     manifest = records.load_manifest(root)
+    cfg = with_modalities(cfg, manifest.modalities)       # null: the dataset's modalities, in its order
+    if not cfg.model.modalities:
+        raise ConfigError("model.modalities is empty: masked omics modelling needs at least one modality "
+                          f"(the dataset has {', '.join(manifest.modalities) or 'none'})")
     if manifest.allow_missing_modalities and not cfg.data.allow_missing_modalities:
         raise ConfigError(f"{root} was prepared with --allow-missing-modalities (some patients lack omics); "
                           "set data.allow_missing_modalities=true to train on it")

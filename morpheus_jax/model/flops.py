@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping, Sequence
 
-from morpheus_jax.core.config import ModelConfig
+from morpheus_jax.core.config import ModelConfig, model_modalities
 from morpheus_jax.core.spec import GroupLayout, bucket_partition
 from morpheus_jax.model.masking import num_kept
 
@@ -93,15 +93,16 @@ def group_shapes(layout: GroupLayout | Sequence[int], num_buckets: int) -> Group
 
 
 def _shapes(cfg: ModelConfig, layouts: Mapping) -> dict[str, GroupShapes]:
-    missing = [m for m in cfg.modalities if m not in layouts]
+    mods = model_modalities(cfg, layouts)
+    missing = [m for m in mods if m not in layouts]
     if missing:
         raise ValueError(f"no group layout or sizes for modalities {missing}")
-    return {m: group_shapes(layouts[m], cfg.group_buckets) for m in cfg.modalities}
+    return {m: group_shapes(layouts[m], cfg.group_buckets) for m in mods}
 
 
 def sequence_lengths(cfg: ModelConfig, layouts: Mapping, ratio: float) -> dict[str, int]:
     """Training sequence lengths: omics tokens T, kept k, encoder tokens ``1 + P + k``."""
-    t = sum(_shapes(cfg, layouts)[m].num_groups for m in cfg.modalities)
+    t = sum(s.num_groups for s in _shapes(cfg, layouts).values())
     k = num_kept(t, ratio)
     return {"omics_tokens": t, "kept": k, "encoder_tokens": 1 + cfg.num_prototypes + k}
 
@@ -162,14 +163,14 @@ def step_flops(model_cfg: ModelConfig, layouts: Mapping, batch: int, num_patches
     t.add("wsi_tokenizer", 2 * b * n * p, backward=1.0)
     t.add("wsi_tokenizer", 2 * b * p * d * h)    # v_proj of the pooled rows
     t.add("wsi_tokenizer", 2 * b * p * h * h)    # output_proj
-    for m in c.modalities:
+    for m in shapes:
         s = shapes[m]
         # Layer 1 sees data: weight gradient only.
         t.add("omics_tokenizers", 2 * b * s.total * gh, 2 * b * s.padded * gh, backward=1.0)
         t.add("omics_tokenizers", 2 * b * s.num_groups * gh * h)
     for _ in range(c.encoder_layers):
         _attention_block(t, "encoder", b, lenc, h, c.encoder_mlp_dim)
-    for m in c.modalities:
+    for m in shapes:
         s = shapes[m]
         t.add("decoders", 2 * b * lenc * h * h)  # decoder_embed
         for _ in range(c.decoder_layers):
@@ -219,7 +220,7 @@ def param_counts(model_cfg: ModelConfig, layouts: Mapping, with_decoders: bool =
         "encoder": c.encoder_layers * block(c.encoder_mlp_dim, False) + 2 * h,
         "omics_tokenizers": 0, "decoders": 0, "reverse_tokenizers": 0,
     }
-    for m in c.modalities:
+    for m in shapes:
         s = shapes[m]
         g = s.num_groups
         # Layer 1 of a tokenizer: size → gh; layer 2: gh → H.

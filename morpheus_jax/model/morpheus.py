@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from morpheus_jax.core.config import ModelConfig
+from morpheus_jax.core.config import ModelConfig, model_modalities
 from morpheus_jax.core.spec import GroupLayout
 from morpheus_jax.model import mup
 from morpheus_jax.model.layers import DecoderBlock, Dense, EncoderBlock, LayerNorm, normal_init, split_key
@@ -77,12 +77,13 @@ class Morpheus(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, layouts: dict[str, GroupLayout], *, rng: np.random.Generator,
                  with_decoders: bool = True):
-        missing = [m for m in cfg.modalities if m not in layouts]
+        mods = model_modalities(cfg, layouts)
+        missing = [m for m in mods if m not in layouts]
         if missing:
             raise ValueError(f"no group layout for modalities {missing}")
         dtype = jnp.dtype(cfg.compute_dtype)
         h = cfg.hidden_size
-        self.modalities = tuple(cfg.modalities)
+        self.modalities = tuple(mods)
         self.layouts = {m: layouts[m] for m in self.modalities}
         self.hidden_size = h
         self.dtype = dtype

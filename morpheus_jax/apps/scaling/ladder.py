@@ -35,7 +35,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from morpheus_jax.core.config import CONFIG_DIR, Config, load_config, read_yaml_mapping, shipped_file
+from morpheus_jax.core.config import CONFIG_DIR, Config, load_config, model_modalities, read_yaml_mapping, shipped_file
 from morpheus_jax.core.errors import ConfigError, DatasetError, LadderError
 from morpheus_jax.data import records
 from morpheus_jax.model.flops import sequence_lengths, step_flops
@@ -259,19 +259,21 @@ def dataset_layouts(cfg: Config, group_sizes: str | Path | None = None):
     run's dataset (its manifest); None when neither is available."""
     if group_sizes:
         sizes = read_group_sizes(group_sizes)
-        absent = [m for m in cfg.model.modalities if m not in sizes]
+        mods = model_modalities(cfg.model, sizes)
+        absent = [m for m in mods if m not in sizes]
         if absent:
             raise ConfigError(f"{group_sizes}: no group sizes for {', '.join(absent)} (model.modalities lists "
-                              f"{cfg.model.modalities})")
-        return {m: sizes[m] for m in cfg.model.modalities}
+                              f"{mods})")
+        return {m: sizes[m] for m in mods}
     manifest = Path(cfg.data.dir) / "manifest.json"
     if manifest.exists():
         man = records.load_manifest(cfg.data.dir)
-        absent = [m for m in cfg.model.modalities if m not in man.modalities]
+        mods = model_modalities(cfg.model, man.modalities)
+        absent = [m for m in mods if m not in man.modalities]
         if absent:
             raise DatasetError(f"{cfg.data.dir}: the dataset has no {', '.join(absent)} data (it has "
-                               f"{', '.join(man.modalities)}); model.modalities lists {cfg.model.modalities}")
-        return man.layouts(cfg.model.modalities, cfg.model.group_buckets)
+                               f"{', '.join(man.modalities)}); model.modalities lists {mods}")
+        return man.layouts(mods, cfg.model.group_buckets)
     return None
 
 

@@ -75,7 +75,7 @@ def plan(ladder: Ladder, *, need_dataset: bool = False) -> list[dict]:
     layouts_cache: dict = {}
     for run in expand(ladder):
         cfg = run_config(ladder, run)
-        key = (cfg.data.dir, tuple(cfg.model.modalities), cfg.model.group_buckets)
+        key = (cfg.data.dir, tuple(cfg.model.modalities or ()), cfg.model.group_buckets)
         if key not in layouts_cache:
             if need_dataset and not (Path(cfg.data.dir) / "manifest.json").exists():
                 ensure_dataset(cfg)
