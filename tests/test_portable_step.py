@@ -42,9 +42,9 @@ def sized_layouts(sizes: dict[str, list[int]], modalities, buckets: int) -> dict
 ])
 def test_train_step_lowers_for_tpu_and_cuda(config, overrides, dtype):
     cfg = load_config(config, overrides + [f"model.compute_dtype={dtype}"])
-    sizes = read_group_sizes("paper_group_sizes") if config == "paper" else {m: [7, 12, 20, 9] for m in
-                                                                            cfg.model.modalities}
-    layouts = sized_layouts(sizes, cfg.model.modalities, cfg.model.group_buckets)
+    mods = cfg.model.modalities or ["rna", "dnam", "cnv"]     # the demo takes its dataset's: the paper's three
+    sizes = read_group_sizes("paper_group_sizes") if config == "paper" else {m: [7, 12, 20, 9] for m in mods}
+    layouts = sized_layouts(sizes, mods, cfg.model.group_buckets)
     run = plan_run(cfg, layouts, patch_dim=cfg.model.wsi_dim, patch_dtype="float16", num_train=100,
                    devices=jax.devices()[:4])
     assert run.mesh.size == 4

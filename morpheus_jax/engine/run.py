@@ -138,6 +138,7 @@ def plan_run(cfg: Config, layouts: dict[str, GroupLayout], *, patch_dim: int, pa
              root: Path | None = None, manifest: Manifest | None = None, devices=None) -> Run:
     """The run of ``cfg`` on ``layouts`` and patches of ``patch_dim`` × ``patch_dtype``
     (`build_run` takes them from a dataset), on ``devices`` (default all)."""
+    cfg = with_modalities(cfg, layouts)                   # null: the layouts' modalities
     steps = st.total_steps(cfg, num_train)
     spe = pipeline.steps_per_epoch(num_train, cfg.train.global_batch_size)
     mesh = shd.make_mesh(cfg.mesh, devices)
