@@ -9,7 +9,7 @@ import pytest
 from scipy.stats import pearsonr
 from sklearn.metrics import mean_absolute_error, r2_score
 from conftest import FINETUNE_FAST as FAST
-from conftest import run_cli as run
+from conftest import run_cli
 
 from morpheus_jax.apps import downstream as ds
 from morpheus_jax.apps.finetune.cohort import Cohort
@@ -17,6 +17,10 @@ from morpheus_jax.apps.finetune.regress import RegressTask
 from morpheus_jax.ckpt.checkpoint import read_checkpoint
 from morpheus_jax.core.config import FinetuneConfig, load_finetune_config
 from morpheus_jax.core.errors import ConfigError, DownstreamError
+
+
+def run(*argv):
+    return run_cli(argv)
 
 
 @pytest.fixture
