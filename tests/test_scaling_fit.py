@@ -10,6 +10,7 @@ import pytest
 from scipy import optimize
 
 from morpheus_jax.apps.scaling import fit as ft
+from morpheus_jax.apps.scaling import study as st
 from morpheus_jax.apps.scaling import sweep as sw
 from morpheus_jax.cli.main import main as cli_main
 
@@ -45,8 +46,9 @@ def test_exact_data_is_fitted_exactly():
 def test_table_fit_has_intervals_around_the_fit():
     n, d, loss = sample_law(3)
     rows = [{"params": a, "samples": b, "loss": c} for a, b, c in zip(n, d, loss)]
-    report, boot = ft.fit_table(rows, n_boot=12, seed=0)
-    assert len(boot) == 12 and report["bootstrap_samples"] == 12
+    study = st.fit_study(rows, n_boot=12, seed=0)
+    report, boot = st.report(study, rows), study.boot
+    assert study.kind == "plain" and len(boot) == 12 and report["bootstrap_samples"] == 12
     for k in ("E", "A", "B", "alpha", "beta"):
         lo, hi = report["intervals"][k]
         assert lo <= hi and lo <= report[k] * 1.05 and hi >= report[k] * 0.95, k
@@ -166,9 +168,10 @@ def test_fit_warns_when_a_wider_model_ends_higher(tmp_path, capsys):
     rows = [{"run": "a", "params": 1.0, "samples": 10.0, "loss": 2.0}, {"run": "b", "params": 2.0, "samples": 10.0,
                                                                           "loss": 2.0},
             {"run": "c", "params": 4.0, "samples": 20.0, "loss": 3.0}]
-    assert ft.width_violations(rows) == []
+    assert st.width_violations(st.points_of(rows)) == []
     rows[1]["loss"] = 2.1
-    assert len(ft.width_violations(rows)) == 1 and ft.width_violations(rows)[0].startswith("at 10 samples, b")
+    found = st.width_violations(st.points_of(rows))
+    assert len(found) == 1 and found[0].startswith("at 10 samples, b")
 
 
 def _fake_runs(root, widths, datas, loss_of, noise=0.01, seed=0):
@@ -221,7 +224,7 @@ def test_forecast_scores_a_held_out_run(tmp_path, capsys):
     sw.write_table(rows + [{"run": "big", "params": held_n, "samples": held_d, "loss": actual}], table)
     assert _cli(["scaling", "forecast", "--table", table, "--held-out", "big", "--bootstrap", 8]) == 0
     out = capsys.readouterr().out
-    assert "held-out run big: loss" in out and "from the forecast" in out and "on 12 runs" in out
+    assert "held-out run big: loss" in out and "from the forecast" in out and "on 12 points (12 runs)" in out
     # Bad combinations: one line each, exit 2.
     for argv, needle in ((["--held-out", "nope"], "nope"), (["--held-out", "big", "--params", 1e6], "leave out"),
                          ([], "--held-out")):
@@ -233,19 +236,21 @@ def test_forecast_scores_a_held_out_run(tmp_path, capsys):
 def test_fit_warns_when_runs_repeat_their_data(tmp_path, capsys):
     """Runs that see their patients more than 4 times are named (the law counts fresh
     samples); rows without a patient count (a table) are not judged."""
-    rows = [{"run": "short", "params": 1e5, "samples": 400.0, "loss": 1.0, "patients": 100},
-            {"run": "long", "params": 1e5, "samples": 401.0, "loss": 0.9, "patients": 100},
+    rows = [{"run": "short", "params": 1e5, "samples": 400.0, "loss": 1.0, "U": 100},
+            {"run": "long", "params": 1e5, "samples": 401.0, "loss": 0.9, "U": 100},
             {"run": "table", "params": 1e5, "samples": 1e6, "loss": 0.8}]
-    assert ft.repeated_data(rows) == ["long trained on 401 samples of 100 patients (4.01 epochs, more than 4)"]
-    assert ft.repeated_data(rows, max_epochs=10) == []
-    # Through the CLI: a collected table carries the patients column.
+    pts = st.points_of(rows)
+    assert st.repeated_data(pts) == ["long trained on 401 samples of 100 patients (4.01 epochs, more than 4)"]
+    assert st.repeated_data(pts, max_epochs=10) == []
+    # Through the CLI (the plain law asked for; a table written before U calls it patients).
     widths, datas = np.logspace(5, 6.5, 3), np.logspace(5, 6.5, 2)
     table = tmp_path / "t.csv"
     sw.write_table([{"run": f"w{i}-d{j}", "params": n, "samples": d, "loss": float(TRUTH.loss(n, d)),
                      "patients": d / 5 if (i, j) == (1, 1) else d}
                     for i, n in enumerate(widths) for j, d in enumerate(datas)], table)
-    assert _cli(["scaling", "fit", "--table", table, "--out", tmp_path / "fit", "--bootstrap", 0, "--no-plots"]) == 0
+    assert _cli(["scaling", "fit", "--table", table, "--out", tmp_path / "fit", "--bootstrap", 0, "--no-plots",
+                 "--plain"]) == 0
     lines = [x for x in capsys.readouterr().err.splitlines() if "repeated data" in x]
     assert len(lines) == 1 and "w1-d1 trained on" in lines[0] and "(5 epochs" in lines[0], lines
     assert json.loads((tmp_path / "fit" / "fit.json").read_text())["repeated_data"] == [
-        lines[0].split("repeated data: ")[1].split("; the law")[0]]
+        lines[0].split("repeated data: ")[1].split("; the plain law")[0]]

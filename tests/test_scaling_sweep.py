@@ -2,6 +2,7 @@
 (2 runs, in process) that is skipped when finished and resumed when interrupted."""
 
 import argparse
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -143,7 +144,7 @@ def test_small_sweep_runs_skips_and_resumes(tiny_dataset, tmp_path, capsys):
         assert info["params"] > 0 and info["flops_per_step"] > 0
     rows = sw.collect(runs)
     assert [(r["run"], r["samples"], r["steps"]) for r in rows] == [("full", 40, 5), ("half", 24, 3)]
-    assert rows[0]["params"] == rows[1]["params"] and rows[0]["patients"] > rows[1]["patients"]
+    assert rows[0]["params"] == rows[1]["params"] and rows[0]["U"] > rows[1]["U"]
     assert rows[0]["flops"] == pytest.approx(rows[1]["flops"] * 5 / 3)
     sw.write_table(rows, tmp_path / "t.csv")
     assert [r["loss"] for r in sw.read_table(tmp_path / "t.csv")] == [r["loss"] for r in rows]
@@ -151,7 +152,8 @@ def test_small_sweep_runs_skips_and_resumes(tiny_dataset, tmp_path, capsys):
     # forecast reads the runs folder as fit does; two runs cannot pin a law: one line, exit 2.
     assert _cli(["scaling", "forecast", str(runs), "--params", str(2 * rows[0]["params"]), "--samples", "80",
                  "--bootstrap", "4"]) == 2
-    assert "needs at least 5 runs (finished runs or table rows), got 2" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "parameters needs at least" in err and "runs (finished runs or table rows), got 2" in err, err
 
     # Finished runs are skipped; an interrupted one (checkpoints, no final.json) resumes.
     (runs / "half" / "final.json").unlink()
@@ -169,7 +171,7 @@ def test_every_flag_has_help():
     register(sub)
     nested = next(a for a in sub.choices["scaling"]._actions if a.dest == "scaling_command")
     parsers = [sub.choices["sweep"], sub.choices["scaling"], *nested.choices.values()]
-    assert set(nested.choices) == {"fit", "forecast", "flops"}
+    assert set(nested.choices) == {"fit", "forecast", "plan", "flops"}
     for parser in parsers:
         text = parser.format_help()
         for action in parser._actions:
@@ -195,6 +197,15 @@ def test_shipped_ladders_expand():
     assert held["config"].model.hidden_size == 2 * widest and held["steps"] == 2 * longest
     assert held["config"].data == forecast[0]["config"].data
     assert held["config"].train.learning_rate == forecast[0]["config"].train.learning_rate
+    epochs = sw.plan(load_ladder("epochs"))
+    assert len(epochs) == 18 and [r["run"].name for r in epochs][:2] == ["h16-ep1", "h16-ep2"]
+    counts = sorted({r["config"].train.epochs for r in epochs})
+    assert counts[0] == 1 and counts[-1] >= 32 and {r["config"].model.parametrization for r in epochs} == {"mup"}
+    (long_run,) = sw.plan(load_ladder("forecast_epochs_heldout"))
+    assert long_run["config"].train.epochs >= 4 * counts[-1]
+    assert long_run["config"].data == epochs[0]["config"].data and long_run["config"].train == dataclasses.replace(
+        epochs[-1]["config"].train, epochs=long_run["config"].train.epochs)
+    assert long_run["config"].model == epochs[-1]["config"].model
     paper = {r["run"].name: r for r in sw.plan(load_ladder(ROOT / "configs" / "scaling" / "paper_ladder.yaml"))}
     assert len(paper) == 24 and paper["paper-frac1"]["config"].model.hidden_size == 256
     from morpheus_jax.model.flops import param_counts

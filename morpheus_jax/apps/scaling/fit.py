@@ -3,8 +3,8 @@
 Chinchilla's third approach (Hoffmann et al. 2022, §3.3): with ``A = e^a, B = e^b,
 E = e^e`` the model is ``log L̂ = LSE(a − α log N, b − β log D, e)``; the parameters
 minimise the Huber loss (δ = 1e-3) of the log residuals ``log L̂ − log L``, by L-BFGS-B
-from the best points of a grid of initialisations. Confidence intervals: percentiles of
-the parameters refitted on bootstrap resamples of the rows.
+from the best points of a grid of initialisations (confidence intervals, checks and
+forecasts of a study: `study`; the data-constrained law: `constrained`).
 
 Compute: ``C = k · N^γ · D`` FLOPs for N parameters and D training samples. ``k = 6,
 γ = 1`` is the transformer rule of thumb (``C = 6ND``); from a sweep, ``k, γ`` are a
@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import numbers
 
 import numpy as np
 from scipy import optimize
@@ -145,19 +144,6 @@ def _theta(law: Law) -> np.ndarray:
     return np.array([np.log(law.A), np.log(law.B), np.log(law.E), law.alpha, law.beta])
 
 
-def bootstrap(params, samples, loss, law: Law, *, n: int = 200, seed: int = 0, delta: float = HUBER_DELTA,
-              starts: int = 2) -> list[Law]:
-    """Laws refitted on ``n`` resamples of the rows (with replacement), each started from the
-    full fit and its resample's best ``starts`` grid points."""
-    rng = np.random.default_rng(seed)
-    arrays = [np.asarray(x, float) for x in (params, samples, loss)]
-    out = []
-    for _ in range(n):
-        idx = rng.integers(len(arrays[0]), size=len(arrays[0]))
-        out.append(fit_law(*(x[idx] for x in arrays), delta=delta, starts=starts, extra_starts=[_theta(law)])[0])
-    return out
-
-
 # -- the compute-optimal frontier ------------------------------------------------------------------------
 
 def optimal_allocation(law: Law, compute, relation: ComputeRelation = ComputeRelation()):
@@ -185,127 +171,3 @@ def frontier(law: Law, budgets, relation: ComputeRelation, boot: list[Law] = (),
             row["params_ci"] = [float(v) for v in np.percentile(ns[:, i], q)]
             row["samples_ci"] = [float(v) for v in np.percentile(ds[:, i], q)]
     return rows
-
-
-def intervals(boot: list[Law], confidence: float = 0.95) -> dict[str, list[float]]:
-    q = [(1 - confidence) / 2 * 100, (1 + confidence) / 2 * 100]
-    return {k: [float(v) for v in np.percentile([getattr(b, k) for b in boot], q)]
-            for k in ("E", "A", "B", "alpha", "beta")}
-
-
-def fit_table(rows: list[dict], *, params_column: str = "params", n_boot: int = 200, seed: int = 0,
-              confidence: float = 0.95, relation: ComputeRelation | None = None) -> tuple[dict, list[Law]]:
-    """The whole fit of a scaling table: (report for fit.json, bootstrap laws). The report
-    holds the law, its intervals, the compute relation and the frontier.
-
-    ``relation`` None: measured from a ``flops`` column when every row has one, else 6ND."""
-    if not 0.0 < confidence < 1.0:
-        raise InputError(f"confidence (--confidence) must be in (0, 1), e.g. 0.95, got {confidence}")
-    for i, r in enumerate(rows):
-        for k in (params_column, "samples", "loss"):
-            v = r.get(k)
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not np.isfinite(v) or v <= 0:
-                run = f" (run {r['run']})" if r.get("run") else ""
-                raise InputError(f"row {i + 1}{run}: {k} must be a positive number, got {v!r}")
-    n = np.array([r[params_column] for r in rows], float)
-    d = np.array([r["samples"] for r in rows], float)
-    loss = np.array([r["loss"] for r in rows], float)
-    with single_threaded_blas():
-        law, objective = fit_law(n, d, loss)
-        boot = bootstrap(n, d, loss, law, n=n_boot, seed=seed) if n_boot > 0 else []
-    if relation is None:
-        if all(r.get("flops") for r in rows):
-            fps = np.array([r["flops"] for r in rows], float) / d
-            relation = measured_relation(n, fps)
-        else:
-            relation = ComputeRelation()
-    compute = np.array([r["flops"] for r in rows], float) if all(r.get("flops") for r in rows) \
-        else relation.compute(n, d)
-    lo, hi = np.log10(compute.min()) - 1, np.log10(compute.max()) + 2
-    budgets = np.logspace(lo, hi, 13)
-    out = {**law.as_dict(), "intervals": intervals(boot, confidence) if boot else {},
-           "confidence": confidence, "bootstrap_samples": len(boot), "huber_delta": HUBER_DELTA,
-           "objective": objective, "n_points": len(rows), "params_column": params_column,
-           "compute_relation": relation.as_dict(),
-           "optimal_exponents": {"params": law.beta / (law.alpha + relation.gamma * law.beta),
-                                 "samples": 1 - relation.gamma * law.beta / (law.alpha + relation.gamma * law.beta)},
-           "frontier": frontier(law, budgets, relation, boot, confidence),
-           "residuals_log": [float(x) for x in np.log(loss) - np.log(law.loss(n, d))],
-           "residual_rms_log": float(np.sqrt(np.mean((np.log(law.loss(n, d)) - np.log(loss)) ** 2))),
-           "width_violations": width_violations(rows, params_column),
-           "repeated_data": repeated_data(rows)}
-    return out, boot
-
-
-# -- checks and forecasts ------------------------------------------------------------------------------
-
-def _name(row: dict, i: int) -> str:
-    return str(row.get("run") or f"row {i + 1}")
-
-
-def width_violations(rows: list[dict], params_column: str = "params", rtol: float = 1e-9) -> list[str]:
-    """At equal data (equal ``samples``), runs whose model is larger than another's but whose
-    final loss is higher: one line per such run, naming it and the smaller run it lost to (the
-    smaller run with the lowest loss). A sign of a learning rate tuned for one width only, or of
-    runs stopped before they converged; a law fitted through them extrapolates badly."""
-    groups: dict[float, list[int]] = {}
-    for i, r in enumerate(rows):
-        key = next((k for k in groups if abs(k - r["samples"]) <= rtol * max(k, 1.0)), r["samples"])
-        groups.setdefault(key, []).append(i)
-    out = []
-    for d, idx in sorted(groups.items()):
-        idx = sorted(idx, key=lambda i: rows[i][params_column])
-        for pos, j in enumerate(idx):
-            smaller = [i for i in idx[:pos] if rows[i][params_column] < rows[j][params_column]]
-            if not smaller:
-                continue
-            best = min(smaller, key=lambda i: rows[i]["loss"])
-            if rows[j]["loss"] > rows[best]["loss"]:
-                out.append(f"at {d:.6g} samples, {_name(rows[j], j)} ({rows[j][params_column]:.4g} params) ends at "
-                           f"loss {rows[j]['loss']:.4g}, above the smaller {_name(rows[best], best)} "
-                           f"({rows[best][params_column]:.4g} params, loss {rows[best]['loss']:.4g})")
-    return out
-
-
-def repeated_data(rows: list[dict], max_epochs: float = MAX_EPOCHS) -> list[str]:
-    """Runs that saw their training patients more than ``max_epochs`` times (rows with a
-    ``patients`` column: collected runs): one line each. ``L(N, D)`` counts D as fresh
-    samples; past a few epochs a repeated sample is worth less than a new one (Muennighoff et
-    al. 2023 find ~4 epochs nearly as good as fresh data), and a wide model memorises its
-    patients, so a law fitted through such runs measures the cohort, not the model."""
-    out = []
-    for i, r in enumerate(rows):
-        patients = r.get("patients")
-        if isinstance(patients, numbers.Real) and patients > 0 and r["samples"] / patients > max_epochs:
-            out.append(f"{_name(r, i)} trained on {r['samples']:.6g} samples of {int(patients)} patients "
-                       f"({r['samples'] / patients:.3g} epochs, more than {max_epochs:g})")
-    return out
-
-
-def forecast(law: Law, boot: list[Law], params: float, samples: float, residuals, *,
-             confidence: float = 0.95, seed: int = 0) -> dict:
-    """The law's loss at ``(params, samples)`` with a prediction interval: percentiles over
-    the bootstrap laws of their prediction times ``exp(ε)``, ε drawn from the fit's log
-    residuals (the runs' own scatter around the law, so a single new run, not only the mean
-    law, should fall inside)."""
-    if not (np.isfinite(params) and params > 0 and np.isfinite(samples) and samples > 0):
-        raise InputError(f"--params and --samples must be positive numbers, got {params!r} and {samples!r}")
-    point = float(law.loss(params, samples))
-    out = {"params": float(params), "samples": float(samples), "loss": point, "confidence": confidence}
-    if boot:
-        rng = np.random.default_rng(seed)
-        preds = np.array([b.loss(params, samples) for b in boot], float)
-        eps = rng.choice(np.asarray(residuals, float), size=preds.size) if len(residuals) else 0.0
-        q = [(1 - confidence) / 2 * 100, (1 + confidence) / 2 * 100]
-        lo, hi = np.percentile(preds * np.exp(eps), q)
-        out["interval"] = [float(min(lo, point)), float(max(hi, point))]
-    return out
-
-
-def score(fc: dict, actual: float) -> dict:
-    """A forecast beside the run it forecast: the actual loss, the relative error
-    ``actual / forecast - 1`` and whether the actual lies in the prediction interval."""
-    out = {**fc, "actual": float(actual), "error": float(actual) / fc["loss"] - 1.0}
-    if "interval" in fc:
-        out["inside_interval"] = bool(fc["interval"][0] <= actual <= fc["interval"][1])
-    return out

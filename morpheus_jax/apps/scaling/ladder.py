@@ -13,12 +13,14 @@ product of the axes (first axis slowest)::
         - {name: h32, model.hidden_size: 32, model.encoder_mlp_dim: 64}
       budget.samples: [1600, 4800] # a key axis: one value per point
     launch: {zone: us-central2-b, accelerator: v5litepod-8}   # defaults for remote launchers
+    seeds: 3                       # each point run with seeds s, s+1, s+2 (s: the config's seed)
 
 Keys are dotted config keys, plus training-length budgets resolved to ``train.steps``:
 ``budget.samples`` (samples seen: steps = ceil(samples / global batch)),
 ``budget.tokens`` (encoder tokens seen, ``1 + P + k`` per sample) and ``budget.flops``
 (useful training FLOPs, `morpheus_jax.model.flops`). Run names join one label per axis
-(``h32-n4800``; a key axis labels itself with a short prefix and the value).
+(``h32-n4800``; a key axis labels itself with a short prefix and the value; with ``seeds``
+above 1, each run's name ends in its seed, ``h32-n4800-seed2000``).
 
 A run is *done* when its ``final.json`` exists, *interrupted* when it has checkpoints but
 no ``final.json`` (rerunning `pretrain` on it resumes), *pending* otherwise.
@@ -47,7 +49,7 @@ LABELS = {
     "model.hidden_size": "h", "model.encoder_layers": "l", "model.decoder_layers": "dl",
     "model.encoder_heads": "nh", "model.decoder_heads": "dnh", "model.num_prototypes": "p",
     "model.group_hidden": "gh", "model.encoder_mlp_dim": "mlp", "model.decoder_mlp_dim": "dmlp",
-    "data.train_fraction": "frac", "data.num_patches": "np", "train.steps": "s",
+    "data.train_fraction": "frac", "data.num_patches": "np", "train.steps": "s", "train.epochs": "ep",
     "train.global_batch_size": "b", "train.learning_rate": "lr", "masking.ratio": "mr", "seed": "seed",
     "budget.samples": "n", "budget.tokens": "tok", "budget.flops": "c",
 }
@@ -76,6 +78,7 @@ class Ladder:
     launch: dict[str, Any]
     group_sizes: str | None = None
     path: Path | None = None
+    seeds: int = 1
 
 
 @dataclasses.dataclass
@@ -171,14 +174,14 @@ def _resolve_base(base: str, ladder_dir: Path) -> str:
     return base if not Path(base).exists() and found.parent == CONFIG_DIR else str(found)
 
 
-def load_ladder(path: str | Path, out: str | Path | None = None) -> Ladder:
-    """Read and check a ladder file; ``out`` replaces its output root."""
+def load_ladder(path: str | Path, out: str | Path | None = None, seeds: int | None = None) -> Ladder:
+    """Read and check a ladder file; ``out`` replaces its output root, ``seeds`` its seeds."""
     try:
         path = shipped_file(path, subdir="scaling")
     except ConfigError as e:
         raise LadderError(f"ladder file {e}") from None
     data = read_yaml_mapping(path, "ladder", LadderError)
-    known = {"name", "base", "out", "fixed", "axes", "launch", "group_sizes", "description"}
+    known = {"name", "base", "out", "fixed", "axes", "launch", "group_sizes", "description", "seeds"}
     unknown = set(data) - known
     if unknown:
         raise LadderError(f"{path}: unknown ladder keys {sorted(unknown)} (known: {sorted(known)})")
@@ -196,16 +199,30 @@ def load_ladder(path: str | Path, out: str | Path | None = None) -> Ladder:
     group_sizes = data.get("group_sizes")
     if group_sizes and not Path(group_sizes).exists() and (path.parent / group_sizes).exists():
         group_sizes = str(path.parent / group_sizes)
+    seeds = data.get("seeds", 1) if seeds is None else seeds
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise LadderError(f"{path}: seeds (the ladder's 'seeds' or --seeds) must be a positive integer, got {seeds!r}")
+    if seeds > 1 and ("seed" in fixed or any(a.name == "seed" for a in axes)):
+        raise LadderError(f"{path}: seeds {seeds} sets each run's seed; leave seed out of 'fixed' and 'axes'")
     return Ladder(name=name, base=_resolve_base(str(data.get("base", "demo")), path.parent),
                   out=Path(out if out is not None else data.get("out") or f"runs/scaling/{name}"),
                   fixed=fixed, axes=axes, launch=dict(data.get("launch") or {}),
-                  group_sizes=group_sizes, path=path)
+                  group_sizes=group_sizes, path=path, seeds=seeds)
 
 
 def expand(ladder: Ladder) -> list[RunSpec]:
-    """The ladder's runs: fixed overrides, then each axis's point (later keys win)."""
+    """The ladder's runs: fixed overrides, then each axis's point (later keys win); with
+    ``seeds`` k > 1, each run k times with seeds s … s+k−1 (s: the base config's seed)."""
+    axes = list(ladder.axes)
+    if ladder.seeds > 1:
+        try:
+            first = load_config(ladder.base, []).seed
+        except ConfigError as e:
+            raise LadderError(f"base config: {e}") from None
+        axes.append(Axis("seed", [Point(key_label("seed", first + i), {"seed": first + i})
+                                  for i in range(ladder.seeds)]))
     runs = []
-    for combo in itertools.product(*[a.points for a in ladder.axes]) if ladder.axes else [()]:
+    for combo in itertools.product(*[a.points for a in axes]) if axes else [()]:
         over = dict(ladder.fixed)
         for p in combo:
             over.update(p.overrides)
@@ -213,7 +230,7 @@ def expand(ladder: Ladder) -> list[RunSpec]:
         if len(budgets) > 1:
             raise LadderError(f"run sets several budgets {budgets}; choose one of {BUDGET_KEYS}")
         name = "-".join(p.label for p in combo) or ladder.name
-        runs.append(RunSpec(name, ladder.out / name, over, {a.name: p.label for a, p in zip(ladder.axes, combo)}))
+        runs.append(RunSpec(name, ladder.out / name, over, {a.name: p.label for a, p in zip(axes, combo)}))
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise LadderError("two runs of the ladder have the same name; give the bundle points distinct names")

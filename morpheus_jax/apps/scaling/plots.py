@@ -123,3 +123,62 @@ def optimal_allocation_plot(law: Law, relation: ComputeRelation, out: str | Path
         return save_figure(fig, out)
     finally:
         plt.close(fig)
+
+
+def loss_vs_epochs(study, out: str | Path, forecast: dict | None = None, plain=None) -> Path:
+    """A data-constrained study: each point's mean loss (seed range as error bars) against its
+    epochs over its U patients, one colour per model size, with the fitted law of each size
+    (solid; ``plain``, a plain `study.Study` of the same runs: dotted) and ``forecast`` (a
+    `study.forecast`, optionally scored) with its interval and the run's actual loss."""
+    plt = pyplot()
+    pts = study.points
+    sizes = sorted({p.params for p in pts} | ({forecast["params"]} if forecast else set()))
+    unique = forecast.get("U") if forecast else None
+    top = max([p.samples / p.unique for p in pts] + ([forecast["epochs"]] if forecast and "epochs" in forecast
+                                                       else []))
+    grid = np.logspace(np.log10(min(p.samples / p.unique for p in pts)) - 0.2, np.log10(top) + 0.3, 200)
+    cmap = plt.get_cmap("viridis")
+    fig, ax = plt.subplots(figsize=(7.2, 4.6))
+    shown = []
+    for i, n in enumerate(sizes):
+        color = cmap(i / max(len(sizes) - 1, 1) * 0.9)
+        mine = [p for p in pts if p.params == n]
+        u = mine[0].unique if mine else unique
+        if mine:
+            x = np.array([p.samples / p.unique for p in mine])
+            y = np.array([p.loss for p in mine])
+            err = np.array([[p.loss - min(p.losses) for p in mine], [max(p.losses) - p.loss for p in mine]])
+            hidden = mine[0].hidden_size
+            ax.errorbar(x, y, yerr=err, fmt="o", color=color, ms=6, capsize=3, zorder=3,
+                        label=f"N = {_si(n)}" + (f" (H {hidden:g})" if hidden else ""))
+            shown += list(y)
+        curve = study.predict(n, grid * u, u)
+        ax.plot(grid, curve, "-", color=color, lw=1.2, alpha=0.85)
+        if plain is not None:
+            ax.plot(grid, plain.predict(n, grid * u), ":", color=color, lw=1.0, alpha=0.85)
+    if plain is not None:
+        ax.plot([], [], ":", color="grey", label="plain L(N, D) of the same runs")
+    if forecast is not None and "epochs" in forecast:
+        lo, hi = forecast.get("interval", [forecast["loss"]] * 2)
+        ax.errorbar([forecast["epochs"]], [forecast["loss"]], yerr=[[forecast["loss"] - lo], [hi - forecast["loss"]]],
+                    fmt="D", color="tab:red", ms=6, capsize=4, zorder=4,
+                    label=f"forecast, N = {_si(forecast['params'])}")
+        shown += [lo, hi]
+        if "actual" in forecast:
+            ax.plot([forecast["epochs"]], [forecast["actual"]], "*", color="black", ms=11, zorder=5,
+                    label=f"held-out run ({forecast['error']:+.1%})")
+            shown.append(forecast["actual"])
+    law = study.law
+    ax.set_xscale("log")
+    ax.set_ylim(min(shown) / 1.08, max(shown) * 1.08)
+    ax.set_xlabel("epochs over the U pretraining patients (samples / U)")
+    ax.set_ylabel("final validation loss")
+    ax.set_title(f"L = {law.E:.3g} + {law.A:.3g}/N'^{law.alpha:.3f} + {law.B:.3g}/D'^{law.beta:.3f}, "
+                 f"R*_D = {law.r_star_d:.3g}" + (f", R*_N = {law.r_star_n:.3g}" if law.r_star_n else ""), fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        return save_figure(fig, out)
+    finally:
+        plt.close(fig)

@@ -43,7 +43,7 @@ from morpheus_jax.model import flops as fl
 
 SCALING_JSON = "scaling.json"
 TABLE_COLUMNS = ["run", "params", "samples", "loss", "flops", "params_without_group_mlps", "flops_per_sample",
-                 "steps", "batch", "patients", "hidden_size", "encoder_layers", "num_prototypes", "train_fraction"]
+                 "steps", "batch", "U", "seed", "hidden_size", "encoder_layers", "num_prototypes", "train_fraction"]
 
 
 def scaling_info(cfg: Config, layouts) -> dict:
@@ -237,14 +237,14 @@ def collect_run(run_dir: str | Path, group_sizes: str | Path | None = None) -> d
         info.update(scaling_info(cfg, layouts))
     steps = int(final.get("step", cfg.train.steps))
     batch = cfg.train.global_batch_size
-    patients = None
+    unique = None      # U: the unique patients the run trains on
     if (Path(cfg.data.dir) / records.MANIFEST).exists():
-        patients = num_train_records(records.load_manifest(cfg.data.dir), cfg.data.train_fraction)
+        unique = num_train_records(records.load_manifest(cfg.data.dir), cfg.data.train_fraction)
     return {"run": run_dir.name, "params": int(info["params"]), "samples": steps * batch, "loss": loss,
             "flops": float(info["flops_per_step"]) * steps,
             "params_without_group_mlps": int(info["params_without_group_mlps"]),
             "flops_per_sample": float(info["flops_per_sample"]), "steps": steps, "batch": batch,
-            "patients": patients, "hidden_size": cfg.model.hidden_size, "encoder_layers": cfg.model.encoder_layers,
+            "U": unique, "seed": cfg.seed, "hidden_size": cfg.model.hidden_size, "encoder_layers": cfg.model.encoder_layers,
             "num_prototypes": cfg.model.num_prototypes, "train_fraction": cfg.data.train_fraction}
 
 
@@ -279,7 +279,8 @@ def write_table(rows: list[dict], path: str | Path) -> None:
 
 
 def read_table(path: str | Path) -> list[dict]:
-    """Rows of a CSV with at least ``params, samples, loss`` (numbers where they parse)."""
+    """Rows of a CSV with at least ``params, samples, loss`` (numbers where they parse; ``U``,
+    the unique patients, for the data-constrained law; ``seed`` where runs repeat a point)."""
     path = Path(path)
     if not path.exists():
         raise MissingPath(f"{path}: no such scaling table (--table expects a CSV with columns params, samples, loss)")
@@ -300,6 +301,8 @@ def read_table(path: str | Path) -> list[dict]:
                 row[k] = float(v) if v not in ("", None) else None
             except ValueError:
                 row[k] = v
+        if row.get("U") is None and row.get("patients") is not None:   # tables written before U
+            row["U"] = row.pop("patients")
         for k in ("params", "samples", "loss"):
             if not isinstance(row[k], float) or row[k] <= 0:
                 raise LadderError(f"{path}: row {i + 2}: {k} must be a positive number, got {r[k]!r}")
