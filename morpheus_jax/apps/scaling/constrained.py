@@ -24,7 +24,7 @@ import dataclasses
 import numpy as np
 from scipy import optimize
 
-from morpheus_jax.apps.scaling.fit import _BOUNDS, HUBER_DELTA, Law, fit_law
+from morpheus_jax.apps.scaling.fit import _BOUNDS, HUBER_DELTA, Law, fit_law, huber_of_lse
 from morpheus_jax.core.errors import InputError
 
 # log R* bounds: R* from 0.05 (a second pass is worth nothing) to 1e4 (repetition as good as new data).
@@ -106,15 +106,7 @@ def objective(theta, log_n, log_d, log_u, log_l, delta=HUBER_DELTA, gamma=1.0):
         log_np, dn_un, dn_rho = _log_effective(log_n, log_un, theta[6])
     else:
         log_un, log_np, dn_un, dn_rho = 0.0, log_n, 0.0, 0.0
-    t0, t1 = a - alpha * log_np, b - beta * log_dp
-    m = np.maximum(np.maximum(t0, t1), e)
-    w0, w1, w2 = np.exp(t0 - m), np.exp(t1 - m), np.exp(e - m)
-    s = w0 + w1 + w2
-    r = m + np.log(s) - log_l
-    absr = np.abs(r)
-    value = np.where(absr <= delta, 0.5 * r * r, delta * (absr - 0.5 * delta)).sum() / delta
-    h = np.clip(r, -delta, delta) / delta
-    p0, p1, p2 = h * w0 / s, h * w1 / s, h * w2 / s
+    value, p0, p1, p2 = huber_of_lse(a - alpha * log_np, b - beta * log_dp, e, log_l, delta)
     via_un = -alpha * p0 * dn_un          # d r / d log U_N
     grad = [p0.sum() + (via_un / alpha).sum(),
             p1.sum() - (via_un / alpha).sum(),

@@ -96,20 +96,24 @@ def single_threaded_blas():
 
 # -- the objective ---------------------------------------------------------------------------------------
 
-def _objective(theta, log_n, log_d, log_l, delta):
-    """Σ Huber_δ(log L̂ − log L) / δ and its gradient (divided by δ: same optimum, O(1) scale)."""
-    a, b, e, alpha, beta = theta
-    t0, t1 = a - alpha * log_n, b - beta * log_d
+def huber_of_lse(t0, t1, e, log_l, delta):
+    """``Σ Huber_δ(r) / δ`` of the log residuals ``r = LSE(t0, t1, e) − log L``, and ``Huber'_δ(r) / δ``
+    times each term's softmax weight (``∂ value / ∂ t0``, ``∂ t1``, ``∂ e`` per row)."""
     m = np.maximum(np.maximum(t0, t1), e)
     w0, w1, w2 = np.exp(t0 - m), np.exp(t1 - m), np.exp(e - m)
     s = w0 + w1 + w2
     r = m + np.log(s) - log_l
     absr = np.abs(r)
     value = np.where(absr <= delta, 0.5 * r * r, delta * (absr - 0.5 * delta)).sum() / delta
-    dr = np.clip(r, -delta, delta) / (delta * s)     # Huber' times the softmax normaliser
-    g0, g1 = dr * w0, dr * w1
-    grad = np.array([g0.sum(), g1.sum(), (dr * w2).sum(), -(g0 * log_n).sum(), -(g1 * log_d).sum()])
-    return value, grad
+    h = np.clip(r, -delta, delta) / (delta * s)
+    return value, h * w0, h * w1, h * w2
+
+
+def _objective(theta, log_n, log_d, log_l, delta):
+    """Σ Huber_δ(log L̂ − log L) / δ and its gradient (divided by δ: same optimum, O(1) scale)."""
+    a, b, e, alpha, beta = theta
+    value, g0, g1, g2 = huber_of_lse(a - alpha * log_n, b - beta * log_d, e, log_l, delta)
+    return value, np.array([g0.sum(), g1.sum(), g2.sum(), -(g0 * log_n).sum(), -(g1 * log_d).sum()])
 
 
 def _grid_values(log_n, log_d, log_l, delta) -> tuple[np.ndarray, np.ndarray]:

@@ -19,6 +19,17 @@ def _si(x: float) -> str:
     return f"{x:.3g}"
 
 
+def _finish(plt, fig, ax, out) -> Path:
+    """Grid, legend, layout; the figure written (beside, then renamed) and closed."""
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        return save_figure(fig, out)
+    finally:
+        plt.close(fig)
+
+
 def run_compute(rows: list[dict], relation: ComputeRelation, params_column: str = "params") -> np.ndarray:
     """Training FLOPs of each row: its ``flops`` column, else ``k N^γ D``."""
     if all(r.get("flops") for r in rows):
@@ -81,13 +92,7 @@ def loss_vs_compute(rows: list[dict], law: Law, relation: ComputeRelation, out: 
     ax.set_xlabel("training compute C (FLOPs)")
     ax.set_ylabel("final validation loss")
     ax.set_title(f"L = {law.E:.3g} + {law.A:.3g}/N^{law.alpha:.3f} + {law.B:.3g}/D^{law.beta:.3f}", fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    try:
-        return save_figure(fig, out)
-    finally:
-        plt.close(fig)
+    return _finish(plt, fig, ax, out)
 
 
 def optimal_allocation_plot(law: Law, relation: ComputeRelation, out: str | Path, budgets,
@@ -175,10 +180,4 @@ def loss_vs_epochs(study, out: str | Path, forecast: dict | None = None, plain=N
     ax.set_ylabel("final validation loss")
     ax.set_title(f"L = {law.E:.3g} + {law.A:.3g}/N'^{law.alpha:.3f} + {law.B:.3g}/D'^{law.beta:.3f}, "
                  f"R*_D = {law.r_star_d:.3g}" + (f", R*_N = {law.r_star_n:.3g}" if law.r_star_n else ""), fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    try:
-        return save_figure(fig, out)
-    finally:
-        plt.close(fig)
+    return _finish(plt, fig, ax, out)
