@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import importlib.util
 import json
 import lzma
 import shutil
+import zipfile
 
 import numpy as np
 
@@ -73,21 +75,29 @@ def test_torn_tails_in_metrics_and_tensorboard_are_dropped_and_the_run_resumes(t
 
 def _compress(path, kind):
     data = path.read_bytes()
-    opener = {"gz": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress}[kind]
     out = path.with_name(path.name + "." + kind)
+    if kind == "zip":
+        with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+            z.writestr(path.name, data)
+        return out
+    import zstandard
+
+    opener = {"gz": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress,
+              "zst": zstandard.ZstdCompressor().compress}[kind]
     out.write_bytes(opener(data))
     return out
 
 
-def test_compressed_bom_and_crlf_inputs_prepare_the_same_dataset(raw, tmp_path):
+@pytest.mark.parametrize("kinds", [("gz", "bz2", "xz", None), ("zst", "zip", "gz", "zip")])
+def test_compressed_bom_and_crlf_inputs_prepare_the_same_dataset(raw, tmp_path, kinds):
     plain = prepare(RawCohort.from_dir(raw), tmp_path / "plain", PrepareOptions(wsi_dim=TINY_DIM, progress=False))
     work = tmp_path / "raw"
     shutil.copytree(raw, work, symlinks=True)
     meta = work / "metadata.csv"
     meta.write_bytes(b"\xef\xbb\xbf" + meta.read_bytes().replace(b"\n", b"\r\n"))     # Excel's CSV
-    omics = {m: work / "omics" / f"{m}.csv" for m in ("rna", "dnam", "cnv")}
-    omics = {"rna": _compress(omics["rna"], "gz"), "dnam": _compress(omics["dnam"], "bz2"),
-             "cnv": _compress(omics["cnv"], "xz")}
+    if kinds[3]:
+        meta = _compress(meta, kinds[3])
+    omics = {m: _compress(work / "omics" / f"{m}.csv", kind) for m, kind in zip(("rna", "dnam", "cnv"), kinds)}
     cohort = RawCohort(meta, work / "features", omics, {m: work / "mappings" / f"{m}.json" for m in omics})
     other = prepare(cohort, tmp_path / "other", PrepareOptions(wsi_dim=TINY_DIM, progress=False))
     assert other.counts == plain.counts
@@ -96,6 +106,27 @@ def test_compressed_bom_and_crlf_inputs_prepare_the_same_dataset(raw, tmp_path):
     a = json.loads((tmp_path / "plain" / "manifest.json").read_text())["shards"]
     b = json.loads((tmp_path / "other" / "manifest.json").read_text())["shards"]
     assert [s["records"]["sha256"] for s in a] == [s["records"]["sha256"] for s in b]
+
+
+def test_compressed_inputs_pandas_cannot_read_are_one_line(raw, tmp_path, capsys, monkeypatch):
+    work = tmp_path / "raw"
+    shutil.copytree(raw, work, symlinks=True)
+    rna = work / "omics" / "rna.csv"
+    args = ["prepare", "--raw", str(work), "--out", str(tmp_path / "ds"), "--wsi-dim", str(TINY_DIM), "--no-progress"]
+    with zipfile.ZipFile(work / "two.zip", "w") as z:
+        z.writestr("a.csv", "x\n")
+        z.writestr("b.csv", "y\n")
+    shutil.move(work / "two.zip", rna)
+    assert main(args) == 2
+    assert f"{rna}: a zip archive of 2 files; expected exactly one CSV" in _one_line(capsys)
+    zst = _compress(raw / "omics" / "rna.csv", "zst")
+    shutil.move(zst, rna)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "zstandard" else real(name, *a))
+    assert main(args) == 2
+    line = _one_line(capsys)
+    assert f"{rna}: zstd-compressed" in line and "pip install zstandard" in line
+    assert not (tmp_path / "ds").exists()
 
 
 def test_float64_slides_prepare_the_same_patches(raw, tmp_path):

@@ -18,9 +18,12 @@ import bz2
 import csv
 import dataclasses
 import gzip
+import importlib.util
+import io
 import json
 import lzma
 import os
+import zipfile
 from pathlib import Path
 
 import h5py
@@ -69,21 +72,57 @@ _MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bz2", b"\xfd7zXZ": "xz", b"\x28\xb5\x2f\
 
 def compression(path: Path, error: type[Exception] = PrepareError) -> str | None:
     """pandas' ``compression`` of a file, by its first bytes (portals ship ``.gz`` files, with
-    or without the suffix)."""
+    or without the suffix); a kind pandas cannot read here is one line naming the file."""
     try:
         with open(path, "rb") as f:
             head = f.read(6)
     except OSError as e:
         raise error(f"{path}: cannot read ({e.strerror or e})") from None
-    return next((kind for magic, kind in _MAGIC.items() if head.startswith(magic)), None)
+    kind = next((kind for magic, kind in _MAGIC.items() if head.startswith(magic)), None)
+    if kind == "zstd" and importlib.util.find_spec("zstandard") is None:
+        raise error(f"{path}: zstd-compressed, and reading it needs the zstandard package "
+                    "(pip install zstandard), as pandas does; or give it uncompressed, gzip, bz2 or xz")
+    if kind == "zip":
+        try:
+            with zipfile.ZipFile(path) as z:
+                members = [i.filename for i in z.infolist() if not i.is_dir()]
+        except (OSError, zipfile.BadZipFile) as e:
+            raise error(f"{path}: a damaged zip archive ({e})") from None
+        if len(members) != 1:
+            raise error(f"{path}: a zip archive of {len(members)} files; expected exactly one CSV in it")
+    return kind
+
+
+def _open_zstd(path: Path, mode: str, **kw):
+    import zstandard
+
+    return zstandard.open(path, mode, **kw)
+
+
+class _ZipText(io.TextIOWrapper):
+    """The text of a one-file zip archive; closing it closes the archive too."""
+
+    def __init__(self, path: Path, **kw):
+        self._archive = zipfile.ZipFile(path)
+        super().__init__(self._archive.open(next(i for i in self._archive.infolist() if not i.is_dir())), **kw)
+
+    def close(self):
+        try:
+            super().close()
+        finally:
+            self._archive.close()
+
+
+def _open_zip(path: Path, mode: str, **kw):
+    return _ZipText(path, **kw)
 
 
 def open_text(path: Path, error: type[Exception] = PrepareError):
-    """A text handle on a plain, gzip, bz2 or xz file (a BOM dropped, newlines as written)."""
+    """A text handle on a plain, gzip, bz2, xz, zstd (with the zstandard package) or one-file
+    zip file (a BOM dropped, newlines as written)."""
     kind = compression(path, error)
-    opener = {"gzip": gzip.open, "bz2": bz2.open, "xz": lzma.open, None: open}.get(kind)
-    if opener is None:
-        raise error(f"{path}: {kind}-compressed; expected plain text, gzip, bz2 or xz")
+    opener = {"gzip": gzip.open, "bz2": bz2.open, "xz": lzma.open, "zstd": _open_zstd, "zip": _open_zip,
+              None: open}[kind]
     return opener(path, "rt", encoding="utf-8-sig", newline="")
 
 
