@@ -144,8 +144,11 @@ def test_fit_forecast_and_plan_commands(tmp_path, capsys):
     assert fit["law"] == "data-constrained" and "r_star_d" in fit["intervals"] and "r_star_d" in printed
     assert len(fit["bootstrap_laws"]) == 10 and fit["frontier"][0]["U"] == U
     assert (out / "loss_vs_epochs.png").read_bytes()[:4] == b"\x89PNG"
+    assert fit["ladder_epochs"] == max(EPOCHS)
     assert _cli(["scaling", "plan", "--patients", 6400, "--compute", 1e14, "--fit", out, "--json"]) == 0
-    plan = json.loads(capsys.readouterr().out)
+    shown = capsys.readouterr()
+    plan = json.loads(shown.out)
+    assert ("past the ladder" in shown.err) == (plan["epochs"] > max(EPOCHS))
     study, _ = st.load_study(out)
     n, d, _ = _brute_force(study.law, 6400.0, 1e14, study.relation)
     assert plan["params"] == pytest.approx(n, rel=1e-3) and plan["epochs"] == pytest.approx(d / 6400, rel=1e-3)
@@ -156,8 +159,10 @@ def test_fit_forecast_and_plan_commands(tmp_path, capsys):
     table2 = write_csv(rows + [held], tmp_path / "with_held.csv")
     assert _cli(["scaling", "forecast", "--table", table2, "--held-out", "long", "--bootstrap", 10, "--json",
                  "--plot", tmp_path / "fc.png"]) == 0
-    fc = json.loads(capsys.readouterr().out)
+    shown = capsys.readouterr()
+    fc = json.loads(shown.out)
     assert fc["law"] == "data-constrained" and fc["epochs"] == 128 and abs(fc["error"]) < 0.02
+    assert "past the ladder: 128 epochs is past the ladder's longest run (32 epochs)" in shown.err
     assert fc["inside_interval"] and (tmp_path / "fc.png").stat().st_size > 10_000
     # One line, exit 2: the data-constrained law without U; plan without a fit; both laws asked.
     no_u = write_csv([{k: v for k, v in r.items() if k != "U"} for r in rows], tmp_path / "no_u.csv")
@@ -172,6 +177,15 @@ def test_fit_forecast_and_plan_commands(tmp_path, capsys):
     # Without U the default is the plain law, as before.
     assert _cli(["scaling", "fit", "--table", no_u, "--out", tmp_path / "plain", "--bootstrap", 0, "--no-plots"]) == 0
     assert json.loads((tmp_path / "plain" / "fit.json").read_text())["law"] == "plain"
+
+
+def test_a_forecast_past_the_ladder_says_so():
+    assert st.past_the_ladder("data-constrained", 32.0, 32.0) is None
+    assert st.past_the_ladder("plain", 128.0, 32.0) is None
+    line = st.past_the_ladder("data-constrained", 128.0, 32.0, [10.6, 25.0])
+    assert line.startswith("128 epochs is past the ladder's longest run (32 epochs)") and "R*_D" not in line
+    line = st.past_the_ladder("data-constrained", 128.0, 32.0, [30.3, 1e4])
+    assert "R*_D is not pinned (its interval [30.3, 1e+04] reaches the bound" in line
 
 
 def test_ladder_seeds_expand_each_point(tmp_path):

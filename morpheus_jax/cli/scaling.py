@@ -74,6 +74,15 @@ def _fit(args, rows, relation=None):
     return study, report
 
 
+def _warn_past_ladder(kind: str, epochs: float | None, report: dict) -> None:
+    from morpheus_jax.apps.scaling import study as st  # lazy: start-up time
+    from morpheus_jax.core import log  # lazy: start-up time
+
+    line = st.past_the_ladder(kind, epochs, report.get("ladder_epochs"), report.get("intervals", {}).get("r_star_d"))
+    if line:
+        log.warning(f"past the ladder: {line}")
+
+
 def _law_text(study) -> str:
     law = study.law
     text = f"L(N, D) = {law.E:.4g} + {law.A:.4g}/N^{law.alpha:.3f} + {law.B:.4g}/D^{law.beta:.3f}"
@@ -121,6 +130,7 @@ def cmd_forecast(args) -> int:
     if u is None and study.kind == "data-constrained" and len(report["U"]) == 1:
         u = report["U"][0]
     fc = st.forecast(study, n, d, u, confidence=args.confidence, seed=args.seed)
+    _warn_past_ladder(study.kind, d / u if u else None, report)
     fc["fit"] = {k: report[k] for k in ("law", "E", "A", "B", "alpha", "beta", "n_points", "residual_rms_log")}
     fc["fit"].update({k: report[k] for k in ("r_star_d", "r_star_n") if k in report})
     if held:
@@ -200,6 +210,7 @@ def cmd_plan(args) -> int:
 
     study, fit = st.load_study(args.fit)
     plan = st.plan(study, args.patients, args.compute, confidence=fit["confidence"])
+    _warn_past_ladder(study.kind, plan["epochs"], fit)
     plan["width"] = st.width_for(plan["params"], fit.get("widths") or [])
     plan.update(law=study.kind, fit=str(args.fit), U=float(args.patients))
     if args.json:

@@ -216,7 +216,7 @@ def report(study: Study, rows: list[dict], params_column: str = "params", confid
            "huber_delta": ft.HUBER_DELTA, "objective": study.objective, "n_points": len(pts), "n_runs": len(rows),
            "params_column": params_column, "compute_relation": rel.as_dict(), "frontier": front,
            "residuals_log": [float(x) for x in res], "residual_rms_log": float(np.sqrt(np.mean(res ** 2))),
-           "seed_log_sd": pooled_log_sd(pts), "U": uniques,
+           "seed_log_sd": pooled_log_sd(pts), "U": uniques, "ladder_epochs": ladder_epochs(pts),
            "width_violations": width_violations(pts), "repeated_data": repeated_data(pts) if study.kind == "plain"
            else [], "widths": widths(pts),
            "bootstrap_laws": [dataclasses.asdict(b) for b in study.boot]}
@@ -276,6 +276,27 @@ def repeated_data(points: list[Point], max_epochs: float = ft.MAX_EPOCHS) -> lis
     return [f"{p.runs[0]} trained on {p.samples:.6g} samples of {int(p.unique)} patients "
             f"({p.samples / p.unique:.3g} epochs, more than {max_epochs:g})"
             for p in points if p.unique and p.samples / p.unique > max_epochs]
+
+
+def ladder_epochs(points: list[Point]) -> float | None:
+    """The most passes any point made over its unique samples (None without U)."""
+    return max((p.samples / p.unique for p in points if p.unique), default=None)
+
+
+def past_the_ladder(kind: str, epochs: float | None, longest: float | None, r_star_ci=None) -> str | None:
+    """One line when a data-constrained forecast or plan reaches past the ladder's longest run.
+    The law is monotone in D: it describes repeated epochs whose value decays, not a validation
+    loss that rises as a model overfits its cohort, so past the ladder it is a lower bound
+    (README "Scaling on a fixed cohort")."""
+    if kind != "data-constrained" or not epochs or not longest or epochs <= longest * (1 + 1e-9):
+        return None
+    line = (f"{epochs:.4g} epochs is past the ladder's longest run ({longest:.4g} epochs): the law cannot show a "
+            "loss that rises as a model overfits its cohort, so read the forecast as a lower bound and check "
+            "it with one run at that length")
+    if r_star_ci and r_star_ci[1] >= np.exp(cs.RHO_BOUNDS[1]) * (1 - 1e-6):
+        line += (f"; R*_D is not pinned (its interval [{r_star_ci[0]:.3g}, {r_star_ci[1]:.3g}] reaches the "
+                 "bound: the ladder shows no loss of value from repetition)")
+    return line
 
 
 # -- forecasts and plans -------------------------------------------------------------------------------------
