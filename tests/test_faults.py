@@ -381,3 +381,79 @@ def test_three_kills_at_bad_moments_resume_to_the_uninterrupted_losses(tiny_data
     assert [s["seen"] for s in result["sessions"][:2]] == ["during a checkpoint write", "just after a metrics append"]
     assert result["tracebacks"] == 0, result
     assert losses(run) == losses(reference)
+
+
+def _error_line(capsys, command: str) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith(f"morpheus {command}: error:"), err
+    return err[0]
+
+
+def test_paths_the_system_refuses_are_one_line(raw, tiny_dataset, tmp_path, capsys):
+    """A file where a folder is expected, a folder where a file is, a symlink loop, a download cut
+    short: one line naming the path, exit 2, nothing written."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    run_args = ["pretrain", "--no-progress", *tiny_overrides(tiny_dataset, afile / "run", "train.steps=2")]
+    assert main(run_args) == 2
+    assert f"{afile / 'run'}: a part of the path is a file, not a folder" in _error_line(capsys, "pretrain")
+    run = tmp_path / "run"
+    (run / ".lock").mkdir(parents=True)
+    assert main(["pretrain", "--no-progress", *tiny_overrides(tiny_dataset, run, "train.steps=2")]) == 2
+    assert f"{run / '.lock'}: is a folder, expected a file" in _error_line(capsys, "pretrain")
+    prep = ["prepare", "--wsi-dim", str(TINY_DIM), "--no-progress"]
+    assert main([*prep, "--raw", str(raw), "--out", str(afile / "ds")]) == 2
+    assert "a part of the path is a file, not a folder" in _error_line(capsys, "prepare")
+    work = tmp_path / "raw"
+    shutil.copytree(raw, work, symlinks=True)
+    rna = work / "omics" / "rna.csv"
+    rna.unlink()
+    rna.symlink_to("rna.csv")
+    assert main([*prep, "--raw", str(work), "--out", str(tmp_path / "ds")]) == 2
+    assert f"{rna}: cannot resolve the path" in _error_line(capsys, "prepare")
+    rna.unlink()
+    whole = gzip.compress((raw / "omics" / "rna.csv").read_bytes())
+    rna.write_bytes(whole[: len(whole) // 2])                          # a download cut short
+    assert main([*prep, "--raw", str(work), "--out", str(tmp_path / "ds")]) == 2
+    assert f"{rna}: cannot read omics CSV (Compressed file ended" in _error_line(capsys, "prepare")
+    assert not (tmp_path / "ds").exists()
+
+
+def test_a_read_only_folder_is_one_line(raw, tmp_path, capsys):
+    import subprocess
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    proc = subprocess.run(["mount", "--bind", str(ro), str(ro)], capture_output=True, text=True)
+    if proc.returncode:
+        pytest.skip(f"cannot bind-mount a folder here: {proc.stderr.strip() or proc.returncode}")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(ro)], check=True, capture_output=True)
+        assert main(["prepare", "--raw", str(raw), "--out", str(ro / "ds"), "--wsi-dim", str(TINY_DIM),
+                     "--no-progress"]) == 2
+        assert f"{ro / 'ds'}: read-only file system" in _error_line(capsys, "prepare")
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], check=False)
+
+
+def test_outputs_of_the_wrong_kind_are_refused_before_any_work(pretrained_cohort, tmp_path, capsys):
+    run, ds, _ = pretrained_cohort
+    folder = tmp_path / "w.safetensors"
+    (folder / "keep.txt").parent.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    assert main(["export", "--checkpoint", str(run), "--out", str(folder), "--overwrite"]) == 2
+    assert f"--out {folder}: is a folder" in _error_line(capsys, "export")
+    assert (folder / "keep.txt").read_text() == "mine"
+    afile = tmp_path / "ft"
+    afile.write_text("mine")
+    assert main(["finetune", "survival", "--checkpoint", str(run), "--dataset", str(ds), "--out", str(afile)]) == 2
+    assert f"--out {afile}: is a file, not a folder" in _error_line(capsys, "finetune survival")
+    assert afile.read_text() == "mine"
+
+
+def test_a_damaged_metrics_file_is_one_warning(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n' + "garbage\n" * 50 + '{"step": 2}\n{"st' + "\x00" * 64)
+    assert [r["step"] for r in read_jsonl(path)] == [1, 2]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "51 lines (2, 3, 4, …) are not a complete JSON row" in err[0], err

@@ -69,6 +69,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
                       overwrite: bool = False) -> tuple[Path, dict]:
     """Write ``out`` (suffix .safetensors or .pt) and ``out.json``; returns (path, sidecar)."""
     files.check_suffix(out)
+    if Path(out).is_dir():
+        raise OutputExists(f"--out {out}: is a folder; --out names the weight file to write")
     if Path(out).exists() and not overwrite:
         raise OutputExists(f"{out} exists (pass --overwrite to replace it)")
     ckpt = read_checkpoint(checkpoint)

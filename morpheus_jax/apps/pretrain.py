@@ -85,11 +85,16 @@ def _check_dataset(run: Run) -> None:
     path = Path(run.cfg.run_dir) / DATASET_JSON
     current = {"dir": str(run.root), "fingerprint": dataset_fingerprint(run.manifest),
                "patients": dict(run.manifest.counts)}
+    has_checkpoints = any(p.name.isdigit() for p in checkpoint_dir(run.cfg.run_dir).glob("*"))
     try:
         recorded = json.loads(path.read_text()) if path.exists() else None
-    except (OSError, ValueError):
+        if recorded is not None and not isinstance(recorded, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:     # written beside and renamed: damaged from outside
         recorded = None
-    has_checkpoints = any(p.name.isdigit() for p in checkpoint_dir(run.cfg.run_dir).glob("*"))
+        if has_checkpoints:
+            log.warning(f"{path}: unreadable ({e}); the dataset the checkpoints were trained on is unknown, so it "
+                        f"is not compared with data.dir={run.root}, which it now records")
     if recorded and has_checkpoints and recorded.get("fingerprint") != current["fingerprint"]:
         if not run.cfg.data.continue_on_new_data:
             raise ConfigError(

@@ -19,6 +19,7 @@ read unverified.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -260,10 +261,27 @@ def read_spec(step_dir: str | Path) -> ModelSpec:
     return ModelSpec.from_json(data, str(path))
 
 
+class _NoItemMetadataNote(logging.Filter):
+    """Orbax logs "Metadata file does not exist: <item>/_CHECKPOINT_METADATA" when a single
+    item of a manager's step is read (that file lives one level up, in the step): not news."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("Metadata file does not exist")
+
+
 def restore_params(step_dir: str | Path) -> dict[str, np.ndarray]:
     """Parameters only (``{name: array}``, host NumPy) from a checkpoint step folder; the
     optimizer state and the rest of the train state are not read (a partial restore)."""
     path = Path(step_dir).resolve() / "state"
+    quiet = _NoItemMetadataNote()
+    logging.getLogger("absl").addFilter(quiet)
+    try:
+        return _restore_params(path)
+    finally:
+        logging.getLogger("absl").removeFilter(quiet)
+
+
+def _restore_params(path: Path) -> dict[str, np.ndarray]:
     with ocp.PyTreeCheckpointer() as reader:
         tree = reader.metadata(path).item_metadata.tree
         names = list(tree["params"])

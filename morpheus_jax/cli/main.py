@@ -1,8 +1,9 @@
 """The ``morpheus`` command: one parser, one error printer.
 
 A `UserError` (bad config, file, dataset, checkpoint or flag) is printed as one line
-``morpheus COMMAND: error: …`` with exit status 2; any other exception is a bug and keeps
-its traceback. In a multi-process job a failed process leaves at once
+``morpheus COMMAND: error: …`` with exit status 2, and so is the environment refusing a path
+or running out of a resource (`core.errors.path_problem`, `resource_exhausted`); any other
+exception is a bug and keeps its traceback. In a multi-process job a failed process leaves at once
 (`distributed.leave_job`).
 """
 
@@ -12,7 +13,7 @@ import argparse
 import sys
 
 from morpheus_jax.cli import bank, data, downstream, export, scaling, tcga, train
-from morpheus_jax.core.errors import UserError, resource_exhausted
+from morpheus_jax.core.errors import UserError, path_problem, resource_exhausted
 
 
 class Parser(argparse.ArgumentParser):
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"morpheus {name}: error: {message}", file=sys.stderr)
         code = 2
     except Exception as e:
-        ran_out = resource_exhausted(e)
+        ran_out = resource_exhausted(e) or path_problem(e)
         if ran_out is None:
             _leave_failed_job(1, name, print_traceback=True)
             raise

@@ -93,6 +93,28 @@ class MissingPath(UserError, FileNotFoundError):
     """An input path that does not exist."""
 
 
+# Errors of the operating system about a path the user named (or one under it): one line, not a bug.
+_PATH_ERRNOS = {"EACCES": "permission denied", "EPERM": "operation not permitted",
+                "EROFS": "read-only file system (choose a writable folder)",
+                "ENOTDIR": "a part of the path is a file, not a folder",
+                "EISDIR": "is a folder, expected a file", "ELOOP": "too many levels of symbolic links",
+                "ENAMETOOLONG": "file name too long", "EEXIST": "already exists"}
+
+
+def path_problem(exc: BaseException) -> str | None:
+    """One line naming the path, if ``exc`` is the operating system refusing a path (read-only
+    or permission-denied folder, a file where a folder is expected, a symlink loop …); else None."""
+    import errno
+
+    if not isinstance(exc, OSError) or not exc.filename:
+        return None
+    why = next((text for name, text in _PATH_ERRNOS.items() if exc.errno == getattr(errno, name, None)), None)
+    if why is None:
+        return None
+    target = f" (writing {exc.filename2})" if exc.filename2 else ""
+    return f"{exc.filename}: {why}{target}"
+
+
 def resource_exhausted(exc: BaseException) -> str | None:
     """What ran out, in one line naming the path where known, if ``exc`` (or what caused it)
     is a resource running out: disk space, memory or file handles. None otherwise.

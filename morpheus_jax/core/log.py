@@ -48,10 +48,10 @@ def read_jsonl(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         return []
-    rows = []
+    rows, bad = [], []
     with open(path, errors="replace") as f:
         for i, line in enumerate(f, start=1):
-            if not line.strip():
+            if not line.strip("\x00 \t\r\n"):    # blank, or the zeros a crash can leave at the end
                 continue
             try:
                 row = json.loads(line)
@@ -60,7 +60,11 @@ def read_jsonl(path: str | Path) -> list[dict]:
             if isinstance(row, dict):
                 rows.append(row)
             else:
-                warning(f"{path}: line {i} is not a complete JSON row (a write cut short); it is ignored")
+                bad.append(i)
+    if bad:     # one warning, however many lines
+        which = f"line {bad[0]} is" if len(bad) == 1 else (f"{len(bad)} lines ({', '.join(map(str, bad[:3]))}"
+                                                                       f"{', …' if len(bad) > 3 else ''}) are")
+        warning(f"{path}: {which} not a complete JSON row (a write cut short); ignored")
     return rows
 
 

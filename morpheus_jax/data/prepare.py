@@ -347,11 +347,18 @@ def write_shard(task: ShardTask) -> dict:
 OWN_ENTRIES = {rec.MANIFEST, "records", "patches", SCRATCH}
 
 
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as e:     # a symlink loop: RuntimeError before Python 3.13
+        raise PrepareError(f"{path}: cannot resolve the path ({e})") from None
+
+
 def _inputs_overlap(out: Path, cohort: RawCohort) -> str | None:
     """Why ``out`` may not be written: it is, holds or lies inside an input (None if it may)."""
-    out = out.resolve()
-    files = [Path(p).resolve() for p in (cohort.metadata, *cohort.omics.values(), *cohort.mappings.values())]
-    folder = Path(cohort.features_dir).resolve()
+    out = _resolved(out)
+    files = [_resolved(Path(p)) for p in (cohort.metadata, *cohort.omics.values(), *cohort.mappings.values())]
+    folder = _resolved(Path(cohort.features_dir))
     for f in files:
         if f == out or out in f.parents:
             return f"it holds the input {f}"

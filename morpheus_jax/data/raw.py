@@ -24,6 +24,7 @@ import json
 import lzma
 import os
 import zipfile
+import zlib
 from pathlib import Path
 
 import h5py
@@ -66,6 +67,9 @@ class RawCohort:
         mappings = {m: raw / "mappings" / f"{m}.json" for m in omics}
         return cls(raw / "metadata.csv", raw / "features", omics, mappings)
 
+
+# A compressed file cut short or damaged (a download that stopped): gzip, bz2 and xz raise these.
+DAMAGED = (EOFError, zlib.error, lzma.LZMAError)
 
 _MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bz2", b"\xfd7zXZ": "xz", b"\x28\xb5\x2f\xfd": "zstd", b"PK\x03\x04": "zip"}
 
@@ -188,7 +192,7 @@ def read_metadata(path: Path) -> pd.DataFrame:
     except pd.errors.EmptyDataError:
         raise PrepareError(f"{path}: the metadata CSV is empty (expected a header with submitter_id, split, WSI "
                            "and one row per patient)") from None
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as e:
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError, *DAMAGED) as e:
         raise PrepareError(f"{path}: cannot read metadata CSV ({e})") from None
     for col in ("submitter_id", "split", "WSI"):
         if col not in meta.columns:
@@ -306,7 +310,7 @@ def stream_omics(path: Path, spec: ModalitySpec, groups: dict[str, list[str]], o
     features = canonical_features(groups)
     try:
         header = pd.read_csv(path, nrows=1, index_col=0, compression=compression(path), encoding="utf-8-sig")
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, ValueError, UnicodeDecodeError) as e:
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, ValueError, UnicodeDecodeError, *DAMAGED) as e:
         raise PrepareError(f"{path}: cannot read omics CSV ({e})") from None
     if header.empty:
         raise PrepareError(f"{path}: the omics CSV has a header but no rows (one row per submitter_id expected)")
@@ -340,6 +344,9 @@ def stream_omics(path: Path, spec: ModalitySpec, groups: dict[str, list[str]], o
                 sink.write(np.ascontiguousarray(values, np.float32).tobytes())
     except pd.errors.ParserError as e:
         raise PrepareError(f"{path}: malformed CSV ({e})") from None
+    except (*DAMAGED, UnicodeDecodeError) as e:
+        raise PrepareError(f"{path}: the file ends early or is damaged ({type(e).__name__}: {e}); "
+                           "download it again") from None
     return OmicsTable(out, features, rows, missing)
 
 

@@ -31,6 +31,8 @@ def run_task(task: Task, checkpoint: str | os.PathLike, dataset: str | os.PathLi
     method = method or ("finetune" if settings.pretrained else "no_pretrain")
     if method not in METHODS:
         raise DownstreamError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():     # before any training, not after the first fold
+        raise DownstreamError(f"--out {out_dir}: is a file, not a folder")
     s = dataclasses.replace(settings, pretrained=method != "no_pretrain")
     cohort = open_cohort(checkpoint, dataset, modalities, split, list(task.columns), log)
     plan = task.prepare(cohort, s)
