@@ -106,7 +106,7 @@ def _open_zstd(path: Path, mode: str, **kw):
 class _ZipText(io.TextIOWrapper):
     """The text of a one-file zip archive; closing it closes the archive too."""
 
-    def __init__(self, path: Path, **kw):
+    def __init__(self, path: Path, mode: str = "rt", **kw):     # mode: text, as open_text asks
         self._archive = zipfile.ZipFile(path)
         super().__init__(self._archive.open(next(i for i in self._archive.infolist() if not i.is_dir())), **kw)
 
@@ -117,15 +117,11 @@ class _ZipText(io.TextIOWrapper):
             self._archive.close()
 
 
-def _open_zip(path: Path, mode: str, **kw):
-    return _ZipText(path, **kw)
-
-
 def open_text(path: Path, error: type[Exception] = PrepareError):
     """A text handle on a plain, gzip, bz2, xz, zstd (with the zstandard package) or one-file
     zip file (a BOM dropped, newlines as written)."""
     kind = compression(path, error)
-    opener = {"gzip": gzip.open, "bz2": bz2.open, "xz": lzma.open, "zstd": _open_zstd, "zip": _open_zip,
+    opener = {"gzip": gzip.open, "bz2": bz2.open, "xz": lzma.open, "zstd": _open_zstd, "zip": _ZipText,
               None: open}[kind]
     return opener(path, "rt", encoding="utf-8-sig", newline="")
 
